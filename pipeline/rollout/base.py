@@ -1,0 +1,56 @@
+"""The rollout-engine interface: generate ``n`` samples per prompt with per-token log-probs, and take new weights."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    max_new_tokens: int = 64
+    seed: int | None = None  # per-call seed, so resumed runs sample the same way
+
+
+@dataclass
+class Generation:
+    """One sampled response. ``logprobs[k]`` is the engine's log-prob of ``token_ids[k]`` under the sampling
+    distribution's underlying model (before temperature), or None if the engine does not report them."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+class RolloutEngine(ABC):
+    """Constructed as ``Engine(model_path, tokenizer, cfg)``."""
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """Sample ``params.n`` responses for each prompt; returns ``len(prompts) * n`` generations ordered by prompt,
+        then sample. Response ids exclude the prompt and include the EOS token when one was produced."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Load new policy weights (Hugging Face names, full tensors) in memory."""
+
+    def update_weights_from_path(self, path: str) -> None:
+        """Reload weights from a Hugging Face checkpoint folder (default: read it and call update_weights)."""
+        from safetensors.torch import load_file
+        import glob
+        import os
+
+        tensors: dict[str, Tensor] = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            tensors.update(load_file(f))
+        self.update_weights(tensors.items())
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release the engine's resources."""
