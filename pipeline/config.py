@@ -102,7 +102,7 @@ class AlgorithmConfig:
     advantage: str = "lampo"  # lampo | grpo | dr_grpo | rloo
     lampo_temperature: float = 1.0  # tau of the pairwise weights
     length_normalized_score: bool = True  # s_i = mean (True) or sum (False) of old log-probs
-    scale_normalize: bool = False  # divide advantages by the group's reward std
+    scale_normalize: bool | None = None  # divide by the group's reward std; None: the estimator's own default
     policy_loss: str = "ppo_clip"  # ppo_clip | gspo
     clip_low: float = 0.2
     clip_high: float = 0.2
