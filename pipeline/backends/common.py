@@ -1,0 +1,77 @@
+"""Pieces every training backend shares: the LR schedule, log-probs from logits, and the policy-loss options."""
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipeline.config import AlgorithmConfig
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Per-token log-probs aligned with ``input_ids``.
+
+    ``logits`` (B, T, V) are the model outputs at every position; returns (B, T) where entry t is
+    ``log p(input_ids[t] | input_ids[:t])`` (read from the logits at t-1) and entry 0 is 0.
+    Uses gather minus logsumexp so no (B, T, V) log-softmax copy is kept.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
+    picked = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def entropy_aligned(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution, aligned like :func:`token_logprobs_from_logits`: (B, T)."""
+    from lampo.losses import entropy_from_logits
+
+    return torch.nn.functional.pad(entropy_from_logits(logits[:, :-1].float()), (1, 0))
+
+
+def policy_kwargs(algo: AlgorithmConfig, max_len: int) -> dict[str, Any]:
+    """The keyword options of :func:`lampo.losses.policy_objective`, read from the config (its one source)."""
+    return dict(policy_loss=algo.policy_loss, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                dual_clip=algo.dual_clip, loss_agg=algo.loss_agg, kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator, entropy_coef=algo.entropy_coef, max_len=max_len)
+
+
+def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Combine micro-batch metrics weighted by their share of tokens; ``*_max`` keys take the max, ``*_min`` the min."""
+    out: dict[str, float] = {}
+    total = sum(w for w, _ in parts) or 1.0
+    for w, m in parts:
+        for k, v in m.items():
+            if k.endswith("_max"):
+                out[k] = max(out.get(k, -math.inf), v)
+            elif k.endswith("_min"):
+                out[k] = min(out.get(k, math.inf), v)
+            else:
+                out[k] = out.get(k, 0.0) + v * w / total
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
