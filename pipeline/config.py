@@ -70,7 +70,6 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    enabled: bool = True
     steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
@@ -127,7 +126,6 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    enabled: bool = True
     iterations: int = 30
     prompts_per_iteration: int = 16
     mini_batch_size: int = 64  # sequences per optimizer step
@@ -161,7 +159,6 @@ class BackendConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True
     benchmarks: list[str] = field(default_factory=lambda: ["tiny"])
     samples: int = 1  # k responses per problem
     temperature: float = 0.0  # 0 = greedy
@@ -174,6 +171,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/tiny"
+    stages: list[str] = field(default_factory=lambda: ["sft", "rl", "evaluate"])  # in order; also: rollout
     seed: int = 1234
     threads: int = 0  # torch CPU threads; 0 leaves the default
     progress: bool = True
@@ -374,7 +372,12 @@ def validate(cfg: Config) -> Config:
     _one_of(algo.kl_estimator, ("k1", "k2", "k3"), "rl.algorithm.kl_estimator")
     _one_of(algo.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-sum-constant"),
             "rl.algorithm.loss_agg")
-    _check(cfg.rollout.n_samples >= 2 or not cfg.rl.enabled,
+    from pipeline.stages import STAGES
+
+    for st in cfg.run.stages:
+        _one_of(st, list(STAGES), "run.stages[]")
+    _check(len(set(cfg.run.stages)) == len(cfg.run.stages), f"run.stages={cfg.run.stages} names a stage twice")
+    _check(cfg.rollout.n_samples >= 2 or "rl" not in cfg.run.stages,
            f"rollout.n_samples={cfg.rollout.n_samples}: group-relative advantages need at least 2 samples per prompt")
     _check(cfg.rl.reward.alpha >= 0, f"rl.reward.alpha={cfg.rl.reward.alpha} must be >= 0")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.runner import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The runner: read one config, run the stages in order, skip finished ones, resume an unfinished one.
+
+    python -m pipeline run CONFIG [key=value ...] [--from-stage NAME] [--force]
+
+Running the same command again continues where a killed run stopped. A run folder started with a different config is
+refused with the difference shown, unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import yaml
+
+from pipeline import dist
+from pipeline.checks import PipelineError
+from pipeline.config import Config, ConfigError, config_diff, load_config
+from pipeline.context import Context
+from pipeline.logger import Logger
+from pipeline.stages import stage_fn
+from pipeline.state import RunDir, atomic_write_text
+
+# fields that may change between a run and its resumption without changing what it computes
+RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "eval.")
+
+
+def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
+    saved = rd.path("config.yaml")
+    if not saved.exists():
+        return
+    diff = [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+            if not d.startswith(RUN_CONTROL)]
+    if diff and not force:
+        raise PipelineError(f"run folder {rd.root} was started with a different config:\n  " + "\n  ".join(diff)
+                            + "\nuse another run.dir, or --force to continue with the new config")
+
+
+def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
+    dist.init()
+    cfg = load_config(config, overrides)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    rd = RunDir(cfg.run.dir)
+    if dist.is_main():
+        check_same_config(rd, cfg, force)
+        rd.root.mkdir(parents=True, exist_ok=True)
+        rd.clean_partial()
+        atomic_write_text(rd.path("config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()
+    stages = cfg.run.stages
+    if from_stage is not None:
+        if from_stage not in stages:
+            raise ConfigError(f"--from-stage {from_stage!r} is not one of run.stages={stages}")
+        if dist.is_main():
+            for name in stages[stages.index(from_stage):]:
+                rd.reset_stage(name)
+        dist.barrier()
+    ctx = Context(cfg, rd, Logger(rd.tb))
+    try:
+        for name in stages:
+            if rd.state(name).status == "done":
+                ctx.log.print(f"[{name}] already done, skipping")
+                continue
+            torch.manual_seed(cfg.run.seed)
+            stage_fn(name)(ctx)
+    finally:
+        ctx.log.close()
+    return ctx
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the stages of a config")
+    r.add_argument("config", help="YAML config file (see configs/)")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.iterations=10")
+    r.add_argument("--from-stage", help="rerun from this stage on (its state and later ones are reset)")
+    r.add_argument("--force", action="store_true", help="continue a run folder even though the config changed")
+    args = ap.parse_args(argv)
+    try:
+        run(args.config, args.overrides, args.from_stage, args.force)
+    except (ConfigError, PipelineError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,82 @@
+"""SFT warm-up: masked next-token loss on reference solutions, resumable at checkpoint granularity.
+
+The data order is a function of ``(seed, step)`` alone, so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+from tqdm import tqdm
+
+from lampo.record import TokenBatch
+from pipeline import dist
+from pipeline.backends import backend_class
+from pipeline.checks import PipelineError
+from pipeline.context import Context
+from pipeline.data import format_prompt, load_rows
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the ``step``-th batch of an endless sequence of shuffled epochs over ``n`` examples."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(f"{seed}/{epoch}").shuffle(perm)
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset:offset + take]
+        pos += take
+    return out
+
+
+def build_examples(ctx: Context) -> tuple[list[list[int]], list[list[int]]]:
+    tok, cfg = ctx.tokenizer, ctx.cfg
+    prompts, responses = [], []
+    for row in load_rows(cfg, "train"):
+        if not row["solution"]:
+            continue
+        p = format_prompt(row, cfg, tok)
+        r = tok(row["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        room = max(1, cfg.sft.max_seq_len - len(p))
+        prompts.append(p)
+        responses.append(r[:room])
+    if not prompts:
+        raise PipelineError(f"no training row of {cfg.data.train!r} has a reference solution "
+                            f"(field {cfg.data.solution_field!r}); SFT needs them - set data.solution_field or drop "
+                            "the sft stage from run.stages")
+    return prompts, responses
+
+
+def run(ctx: Context) -> None:
+    cfg, rd, sft = ctx.cfg, ctx.rd, ctx.cfg.sft
+    st = rd.state("sft")
+    backend = backend_class(cfg.backend.name)(
+        cfg, ctx.stage_input("sft"), lr=sft.lr, total_steps=sft.steps, warmup_steps=sft.warmup_steps,
+        min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
+    if st.checkpoint:
+        backend.load(rd.path(st.checkpoint))
+        ctx.log.print(f"[sft] resumed from {st.checkpoint} (step {st.step})")
+    st.status = "running"
+    if dist.is_main():
+        rd.save_state(st)
+    prompts, responses = build_examples(ctx)
+    bar = tqdm(range(st.step, sft.steps), desc="sft", initial=st.step, total=sft.steps,
+               disable=not (cfg.run.progress and dist.is_main()))
+    t0 = time.perf_counter()
+    for step in bar:
+        idx = batch_indices(len(prompts), sft.batch_size, step, cfg.run.seed)
+        batch = TokenBatch.from_sequences([prompts[i] for i in idx], [responses[i] for i in idx], ctx.pad_id)
+        m = backend.sft_step(batch)
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        if (step + 1) % sft.log_every == 0 or step + 1 == sft.steps:
+            m["seconds_per_step"] = (time.perf_counter() - t0) / (step + 1 - st.step)
+            ctx.log.scalars("sft", m, step + 1)
+        if (step + 1) % sft.checkpoint_every == 0 and step + 1 < sft.steps:
+            ctx.save_checkpoint(backend, st, step + 1)
+    out = ctx.export(backend, "sft/final")
+    st.status, st.step, st.output = "done", sft.steps, str(out.relative_to(rd.root))
+    if dist.is_main():
+        rd.save_state(st)
+    ctx.log.print(f"[sft] done: {st.output}")
