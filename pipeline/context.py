@@ -10,6 +10,7 @@ from typing import Any
 from pipeline import dist
 from pipeline.backends import TrainingBackend
 from pipeline.config import Config
+from pipeline.faults import fault_point
 from pipeline.logger import Logger
 from pipeline.models import load_tokenizer, resolve_model_path
 from pipeline.state import RunDir, StageState, atomic_dir
@@ -79,12 +80,14 @@ class Context:
         if dist.world_size() == 1:
             with atomic_dir(target) as d:
                 write(d)
+                fault_point("checkpoint_write")
             return
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
         write(tmp)  # every rank writes its part (shards) or takes part in gathers
+        fault_point("checkpoint_write")
         dist.barrier()
         if dist.is_main():
             if target.exists():

@@ -27,6 +27,7 @@ from pipeline import dist
 from pipeline.backends import TrainingBackend, backend_class
 from pipeline.context import Context
 from pipeline.data import format_prompt, load_rows
+from pipeline.faults import fault_point
 from pipeline.rollout import RolloutEngine, SamplingParams, engine_class
 from pipeline.stages.sft import batch_indices
 
@@ -36,8 +37,10 @@ def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int) -> 
     prompts = [format_prompt(row, ctx.cfg, ctx.tokenizer) for row in rows]
     params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it)
+    gens = engine.generate(prompts, params)
+    fault_point("rl_rollout")
     samples = []
-    for g in engine.generate(prompts, params):
+    for g in gens:
         row = rows[g.prompt_index]
         samples.append(Sample(prompt_ids=prompts[g.prompt_index], response_ids=g.token_ids, group=g.prompt_index,
                               prompt=row["problem"], answer=row["answer"], reference=row["solution"],
@@ -86,6 +89,7 @@ def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, flo
     for _ in range(rl.algorithm.ppo_epochs):
         order = torch.randperm(len(tb), generator=gen)
         for start in range(0, len(tb), rl.mini_batch_size):
+            fault_point("rl_update")
             parts.append(backend.rl_step(tb.select(order[start:start + rl.mini_batch_size])))
     return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]} if parts else {}
 

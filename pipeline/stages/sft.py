@@ -15,6 +15,7 @@ from pipeline.backends import backend_class
 from pipeline.checks import PipelineError
 from pipeline.context import Context
 from pipeline.data import format_prompt, load_rows
+from pipeline.faults import fault_point
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -68,6 +69,7 @@ def run(ctx: Context) -> None:
     for step in bar:
         idx = batch_indices(len(prompts), sft.batch_size, step, cfg.run.seed)
         batch = TokenBatch.from_sequences([prompts[i] for i in idx], [responses[i] for i in idx], ctx.pad_id)
+        fault_point("sft_step")
         m = backend.sft_step(batch)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
         if (step + 1) % sft.log_every == 0 or step + 1 == sft.steps:
