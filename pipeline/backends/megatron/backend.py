@@ -1,0 +1,337 @@
+"""Megatron-core training backend: tensor and pipeline parallelism behind :class:`TrainingBackend`.
+
+Every rank of a ``torchrun`` world constructs the backend with the same arguments and calls the same methods with the
+same (full) batch; the backend takes this data-parallel rank's share, runs it through megatron-core's
+forward-backward schedule (1F1B with pipeline parallelism, plain micro-batch accumulation without), and returns the
+same metrics on every rank. The model is the HF architecture mapped into megatron-core (:mod:`.model`); weights
+arrive from and leave as Hugging Face tensors (:mod:`.convert`).
+
+Gradient bookkeeping is explicit and identical for every layout (degree 1 included): after the schedule, gradients
+are summed over data-parallel ranks (losses use global normalisers, so the sum is the full-batch gradient), the two
+copies of a tied embedding are summed over megatron's embedding group (``pp > 1``), and the global gradient norm counts
+each parameter once (tensor-parallel duplicates such as norms only on TP rank 0, the tied copy only on the first
+stage), then clips like ``torch.nn.utils.clip_grad_norm_``. The optimizer is ``torch.optim.AdamW`` on each rank's
+shards (element-wise, so sharded AdamW equals unsharded AdamW) with the torch backend's warm-up + cosine schedule.
+
+Tested on CPU over gloo (fp32, TP=2 / PP=2). GPU-only options: NCCL and bf16 params are real code paths here but
+untested in this repository; ``sequence_parallel`` and ``distributed_optimizer`` are refused by
+:meth:`validate_config` with the reason (see there).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lampo.record import TokenBatch, check_finite
+from pipeline.backends.base import TrainingBackend
+from pipeline.backends.common import merge_metrics, policy_kwargs, rng_state, set_rng_state, warmup_cosine
+from pipeline.backends.megatron import weights
+from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
+from pipeline.backends.megatron.model import Arch, Precision, arch_from_hf, build_model
+from pipeline.backends.megatron.parallel import Layout, check_layout, init_parallel, layout_for_world, \
+    world_size_from_env
+from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+class MegatronBackend(TrainingBackend):
+    def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
+        from megatron.core import parallel_state as ps
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.model_path = Path(model_path)
+        b = cfg.backend
+        self.use_cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
+        self.hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.model.trust_remote_code)
+        self.arch: Arch = arch_from_hf(self.hf_config)
+        self.layout: Layout = layout_for_world(b.tensor_parallel, b.pipeline_parallel, world_size_from_env())
+        check_layout(self.layout, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
+                     num_layers=self.arch.num_layers, world_size=world_size_from_env())
+        init_parallel(self.layout, seed=cfg.run.seed, use_cuda=self.use_cuda)
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_main = dist.get_rank() == 0
+
+        dtype = torch.bfloat16 if (b.bf16 and self.use_cuda) else torch.float32
+        self.precision = Precision(params_dtype=dtype, recompute_activations=b.recompute_activations)
+        hf_state = weights.read_hf_state(model_path)
+        self.model = self._build(hf_state)
+        self.model.train()
+        self.reference = self._build(hf_state).eval().requires_grad_(False) if reference else None
+        del hf_state
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+        self.step = 0
+
+    def _build(self, hf_state: dict[str, Tensor]) -> torch.nn.Module:
+        model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision,
+                            on_cpu=not self.use_cuda)
+        weights.load_into(model, hf_state, self.arch, self.layout.tp, self.layout.pp, self.tp_rank, self.pp_rank)
+        return model.to(self.device)
+
+    # --- config-time checks -------------------------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """Refuse layouts the model or the world cannot take, and options this backend does not run."""
+        b = cfg.backend
+        heads, kv_heads, layers = _model_shape(cfg)
+        try:
+            check_layout(Layout(b.tensor_parallel, b.pipeline_parallel), num_heads=heads, num_kv_heads=kv_heads,
+                         num_layers=layers, world_size=world_size_from_env())
+        except ValueError as e:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"backend: {e}") from None
+        from pipeline.config import ConfigError
+
+        if b.sequence_parallel:
+            raise ConfigError("backend.sequence_parallel=true needs Transformer Engine layer specs (megatron-core's "
+                              "torch RMSNorm refuses sequence parallelism), which this backend does not map yet; "
+                              "set backend.sequence_parallel=false")
+        if b.distributed_optimizer:
+            raise ConfigError("backend.distributed_optimizer=true is not wired into the megatron backend yet "
+                              "(it trains with per-shard AdamW); set backend.distributed_optimizer=false")
+
+    # --- batches -> this rank's micro-batches -------------------------------------------------------------------------
+    def _dp_share(self, batch: TokenBatch) -> TokenBatch:
+        """Rows of ``batch`` that this data-parallel rank processes (contiguous chunks, in rank order)."""
+        n, dp = len(batch), self.layout.dp
+        if dp == 1:
+            return batch
+        bounds = [n * r // dp for r in range(dp + 1)]
+        return batch.select(slice(bounds[self.dp_rank], bounds[self.dp_rank + 1]))
+
+    def _micro_batches(self, batch: TokenBatch) -> list[TokenBatch]:
+        share = self._dp_share(batch)
+        if len(share) == 0:
+            raise ValueError(f"batch of {len(batch)} sequences is smaller than data_parallel={self.layout.dp}")
+        return [mb.to(self.device) for mb in share.split(self.cfg.backend.micro_batch_size)]
+
+    def _dp_gather_rows(self, t: Tensor) -> Tensor:
+        """Concatenate per-DP-rank row blocks of a ``(b_r, T)`` tensor in rank order."""
+        from megatron.core import parallel_state as ps
+
+        if self.layout.dp == 1:
+            return t
+        parts: list[Any] = [None] * self.layout.dp
+        dist.all_gather_object(parts, t.cpu(), group=ps.get_data_parallel_group())
+        return torch.cat(parts)
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def _per_token(self, logits: Tensor, mb: TokenBatch, *, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """This micro-batch's aligned log-probs ``(b, T)`` and entropy ``(b, T)`` from vocab-parallel logits."""
+        logits = logits[:, :-1]  # (b, T-1, Vp/tp): position t-1 predicts token t
+        lp = aligned(vocab_parallel_logprobs(logits, mb.input_ids[:, 1:], self.arch.vocab_size), mb.attention_mask)
+        ent = aligned(vocab_parallel_entropy(logits, self.arch.vocab_size), mb.attention_mask) if entropy else None
+        return lp, ent
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        mbs = self._micro_batches(batch)
+
+        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
+            lp, _ = self._per_token(logits, mb, entropy=False)
+            return lp.sum() * 0.0, {"logprobs": lp.float().cpu()}
+
+        outs = run_schedule(model, mbs, loss_fn, forward_only=True)
+        local = torch.cat([o["logprobs"] for o in outs]) if outs else None
+        shape = (sum(len(mb) for mb in mbs), batch.input_ids.shape[1])
+        return self._dp_gather_rows(broadcast_from_last_stage(local, shape))
+
+    # --- optimizer steps ----------------------------------------------------------------------------------------------
+    def sft_step(self, batch: TokenBatch) -> dict[str, float]:
+        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()  # global normaliser: the whole batch
+
+        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
+            lp, _ = self._per_token(logits, mb, entropy=False)
+            loss = -(lp * mb.response_mask).sum() / num_tokens
+            check_finite("SFT loss", loss.detach())
+            return loss, {"loss": loss.detach().item()}
+
+        parts = self._train(batch, loss_fn)
+        return {"loss": sum(m["loss"] for _, m in parts), **self._optimizer_step()}
+
+    def rl_step(self, batch: TokenBatch) -> dict[str, float]:
+        from lampo.losses import policy_objective
+
+        if batch.old_logprobs is None or batch.advantages is None:
+            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
+        algo = self.cfg.rl.algorithm
+        kwargs = policy_kwargs(algo, max_len=self.cfg.rollout.max_new_tokens)
+        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
+
+        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
+            lp, ent = self._per_token(logits, mb, entropy=True)
+            if algo.entropy_coef == 0:
+                ent = ent.detach()
+            loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                             ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
+                                             num_seqs=len(batch), **kwargs)
+            metrics["loss"] = loss.item() * num_tokens / max(1.0, mb.response_mask.sum().item())
+            return loss, metrics
+
+        parts = self._train(batch, loss_fn)
+        return {**merge_metrics(parts), **self._optimizer_step()}
+
+    def _train(self, batch: TokenBatch, loss_fn) -> list[tuple[float, dict[str, float]]]:
+        """Forward and backward over this rank's micro-batches; returns ``(response tokens, metrics)`` of every
+        micro-batch of the whole batch (all DP ranks), identical on every rank."""
+        from megatron.core import parallel_state as ps
+
+        mbs = self._micro_batches(batch)
+        outs = run_schedule(self.model, mbs, loss_fn, forward_only=False)
+        local = [(mb.response_mask.sum().item(), m) for mb, m in zip(mbs, outs)] if outs else None
+        local = broadcast_from_last_stage(local)
+        if self.layout.dp == 1:
+            return local
+        gathered: list[Any] = [None] * self.layout.dp
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        return [p for part in gathered for p in part]
+
+    def _optimizer_step(self) -> dict[str, float]:
+        from pipeline.backends.megatron.grads import clip_grad_norm, sync_grads
+
+        sync_grads(self.model, self.layout)
+        grad_norm = clip_grad_norm(self.model, self.cfg.backend.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {self.step}; lower the learning "
+                                     "rate or check the data (no update was applied)")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+    def _shard_file(self, path: Path) -> Path:
+        return path / f"megatron_tp{self.tp_rank}_pp{self.pp_rank}.pt"
+
+    def save(self, path: str | Path) -> None:
+        """Each (TP, PP) shard writes its own file from DP rank 0 (DP replicas are identical), plus ``layout.json``.
+
+        RNG state differs per rank, so every rank writes its own small RNG file.
+        """
+        from megatron.core import tensor_parallel
+
+        path = Path(path)
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "layout.json").write_text(json.dumps({"tp": self.layout.tp, "pp": self.layout.pp}))
+        dist.barrier()
+        if self.dp_rank == 0:
+            torch.save({"model": _params(self.model), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "step": self.step}, self._shard_file(path))
+        rng = {"rng": rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+        torch.save(rng, path / f"rng_rank{dist.get_rank()}.pt")
+        dist.barrier()
+
+    def load(self, path: str | Path) -> None:
+        """Restore :meth:`save`'s shards. A different TP x PP layout is refused (resume with the layout it was saved
+        with, or start a new stage from the exported Hugging Face weights); a different DP degree is fine."""
+        from megatron.core import tensor_parallel
+
+        path = Path(path)
+        saved = json.loads((path / "layout.json").read_text())
+        if (saved["tp"], saved["pp"]) != (self.layout.tp, self.layout.pp):
+            raise ValueError(f"checkpoint {path} was saved with tensor_parallel={saved['tp']}, pipeline_parallel="
+                             f"{saved['pp']} but this run uses tensor_parallel={self.layout.tp}, pipeline_parallel="
+                             f"{self.layout.pp}; resume with the saved layout (changing the layout mid-stage would "
+                             "need resharding the optimizer state, which this backend does not do)")
+        state = torch.load(self._shard_file(path), map_location=self.device, weights_only=False)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state["model"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+        if rng_file.is_file():  # absent when resuming with more DP ranks than were saved
+            rng = torch.load(rng_file, weights_only=False)
+            set_rng_state(rng["rng"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+
+    # --- weights out --------------------------------------------------------------------------------------------------
+    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        yield from weights.gather_hf(self.model, self.arch, self.layout, self.pp_rank, self.dp_rank)
+
+    def export_hf(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        full = dict(self.named_full_tensors())  # collective: every rank iterates
+        if not self.is_main:
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.hf_config)
+        cfg.torch_dtype = "float32"
+        cfg.save_pretrained(path)
+        for extra in self.model_path.iterdir():  # tokenizer and generation files travel with the weights
+            if extra.suffix in (".json", ".txt", ".model", ".jinja") and extra.name not in (
+                    "config.json", "model.safetensors.index.json") and not (path / extra.name).exists():
+                shutil.copy(extra, path / extra.name)
+        tmp = path / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / "model.safetensors")
+
+    # --- colocated rollouts -------------------------------------------------------------------------------------------
+    def release_memory(self) -> None:
+        """Move optimizer state and the reference model to the host and free cached accelerator memory."""
+        if not (self.use_cuda and self.cfg.backend.colocate_rollout):
+            return
+        _move_optimizer_state(self.optimizer, "cpu")
+        if self.reference is not None:
+            self.reference.to("cpu")
+        torch.cuda.empty_cache()
+
+    def reacquire_memory(self) -> None:
+        if not (self.use_cuda and self.cfg.backend.colocate_rollout):
+            return
+        _move_optimizer_state(self.optimizer, self.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+
+def _params(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in model.named_parameters()}
+
+
+def _move_optimizer_state(opt: torch.optim.Optimizer, device: Any) -> None:
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, Tensor) and k != "step":
+                state[k] = v.to(device, non_blocking=True)
+
+
+def _model_shape(cfg: Config) -> tuple[int, int, int]:
+    """(attention heads, key/value heads, layers) of the configured model, read without loading weights."""
+    if cfg.model.path == "tiny":
+        t = cfg.model.tiny
+        return t.num_heads, t.num_kv_heads, t.num_layers
+    config_json = Path(cfg.model.path) / "config.json"
+    if not config_json.is_file():  # a hub id: the shape is checked again when the backend is built
+        return 1, 1, 1
+    c = json.loads(config_json.read_text())
+    heads = c["num_attention_heads"]
+    return heads, c.get("num_key_value_heads") or heads, c["num_hidden_layers"]

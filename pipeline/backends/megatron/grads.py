@@ -1,0 +1,67 @@
+"""Gradient reductions after the forward-backward schedule, for any TP x PP x DP (each a no-op at degree 1)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pipeline.backends.megatron.parallel import Layout
+
+TIED_COPY = "output_layer.weight"  # with tied embeddings and pp > 1: the last stage's copy of the embedding
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _tied_pair(model: torch.nn.Module) -> Tensor | None:
+    """This rank's half of a tied embedding split across pipeline stages, or None."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not getattr(model, "tied_across_stages", False):
+        return None
+    if not ps.is_rank_in_embedding_group():
+        return None
+    params = dict(model.named_parameters())
+    return params.get(EMBEDDING) if ps.is_pipeline_first_stage() else params.get(TIED_COPY)
+
+
+def sync_grads(model: torch.nn.Module, layout: Layout) -> None:
+    """Sum gradients over data-parallel replicas, then over the two copies of a stage-split tied embedding."""
+    from megatron.core import parallel_state as ps
+
+    if layout.dp > 1:
+        group = ps.get_data_parallel_group()
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+    tied = _tied_pair(model)
+    if tied is not None:
+        if tied.grad is None:
+            tied.grad = torch.zeros_like(tied)
+        dist.all_reduce(tied.grad, group=ps.get_embedding_group())
+
+
+def _counted(name: str, p: Tensor, tp_rank: int, first_stage: bool, tied_across_stages: bool) -> bool:
+    """Whether ``p``'s gradient enters the global norm on this rank (each distinct parameter exactly once)."""
+    if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
+        return False  # replicated over TP ranks (norms, biases of row-parallel layers)
+    if tied_across_stages and name == TIED_COPY and not first_stage:
+        return False  # the embedding is counted on the first stage
+    return True
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tensor:
+    """Global L2 norm over all model-parallel ranks, then scale like ``torch.nn.utils.clip_grad_norm_``."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank, first = ps.get_tensor_model_parallel_rank(), ps.is_pipeline_first_stage()
+    tied = getattr(model, "tied_across_stages", False)
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32, device=named[0][1].device if named else "cpu")
+    for n, p in named:
+        if _counted(n, p, tp_rank, first, tied):
+            sq += p.grad.float().pow(2).sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = sq.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for _, p in named:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return norm

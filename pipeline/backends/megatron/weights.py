@@ -1,0 +1,98 @@
+"""Moving Hugging Face weights into a built megatron model, and gathering them back out as full HF tensors."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pipeline.backends.megatron import convert
+from pipeline.backends.megatron.model import Arch
+from pipeline.backends.megatron.parallel import Layout
+
+
+def read_hf_state(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of the ``*.safetensors`` files in checkpoint folder ``path`` (fp32 kept as stored)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {str(path)!r}; the megatron backend loads HF checkpoints "
+                                "saved with safe_serialization=True")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_into(model: torch.nn.Module, hf_state: dict[str, Tensor], arch: Arch, tp: int, pp: int, tp_rank: int,
+              pp_rank: int) -> None:
+    """Copy this rank's shard of ``hf_state`` into ``model``; every parameter must be filled, nothing left over."""
+    shard = convert.hf_to_megatron(hf_state, arch, tp, pp, tp_rank, pp_rank)
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(shard)), sorted(set(shard) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"weight conversion does not match the built model: missing {missing}, unexpected "
+                         f"{unexpected}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != shard[name].shape:
+                raise ValueError(f"{name}: checkpoint gives {tuple(shard[name].shape)}, model has {tuple(p.shape)}")
+            p.copy_(shard[name])
+    model.tied_across_stages = arch.tie_word_embeddings and pp > 1
+
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def gather_hf(model: torch.nn.Module, arch: Arch, layout: Layout, pp_rank: int, dp_rank: int
+              ) -> Iterator[tuple[str, Tensor]]:
+    """Stream full HF tensors to global rank 0, one layer at a time (a collective: every rank must iterate).
+
+    Each step gathers the shards of one unit (embedding, one layer, final norm/head) from the ranks that hold it
+    (data-parallel rank 0 of every TP rank of the owning stage) to rank 0, which merges them with
+    :mod:`convert`; other ranks yield nothing.
+    """
+    from megatron.core import parallel_state as ps
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    owner = dp_rank == 0
+    per_stage = arch.num_layers // layout.pp
+
+    def gather(local: dict[str, Tensor] | None) -> list[Any] | None:
+        item = (tp_rank, {k: v.cpu() for k, v in local.items()}) if (owner and local is not None) else None
+        out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(item, out, dst=0)
+        if out is None:
+            return None
+        by_rank = dict(x for x in out if x is not None)
+        return [by_rank[r] for r in range(layout.tp)]
+
+    first = gather({"e": params["embedding.word_embeddings.weight"]} if ps.is_pipeline_first_stage() else None)
+    if first is not None:
+        yield "model.embed_tokens.weight", convert.vocab_to_hf([s["e"] for s in first], arch)
+    for i in range(arch.num_layers):
+        mine = pp_rank == i // per_stage
+        local = None
+        if mine:
+            prefix = f"decoder.layers.{i % per_stage}."
+            local = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        shards = gather(local)
+        if shards is not None:
+            for k, v in convert.layer_to_hf(shards, arch).items():
+                yield f"model.layers.{i}.{k}", v
+    last = None
+    if ps.is_pipeline_last_stage():
+        last = {"norm": params["decoder.final_layernorm.weight"]}
+        if not arch.tie_word_embeddings:
+            last["head"] = params["output_layer.weight"]
+    shards = gather(last)
+    if shards is not None:
+        yield "model.norm.weight", shards[0]["norm"]
+        if not arch.tie_word_embeddings:
+            yield "lm_head.weight", convert.vocab_to_hf([s["head"] for s in shards], arch)
