@@ -1,0 +1,240 @@
+"""Run benchmarks through a rollout engine: generate in batches, grade, write, resume, summarise.
+
+Output layout under ``out_dir``::
+
+    results.json                      metrics of every benchmark and the settings (written last, atomically)
+    report.md                         the same as Markdown tables
+    <benchmark>/meta.json             the settings the responses were generated with (checked on resume)
+    <benchmark>/responses.jsonl       every response with its extracted answer and grade, in problem order
+    <benchmark>/responses.partial.jsonl   appended after each batch while running; folded into the above at the end
+
+Resuming: run the same call again. Problems whose ``k`` responses are already in ``responses.jsonl`` or the partial
+file are not generated again; a line torn by a kill is dropped and its problem regenerated. Each batch's sampling seed
+depends only on ``seed``, the benchmark and the batch's first problem, so a resumed run samples like an uninterrupted
+one would have (given an engine that honours ``SamplingParams.seed``). Changing a generation setting (samples,
+temperature, top_p, max_new_tokens, seed, prompt style, model, data source) in an existing folder is refused rather
+than mixing responses; ``limit`` may change (problems already done are reused).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.benchmarks import LoadedBenchmark, Problem, load_benchmark
+from evaluation.grading import GRADERS
+from evaluation.metrics import breakdown, length_stats, majority_vote, score_metrics
+from evaluation.prompts import PROMPT_STYLES, encode_prompt
+from evaluation.report import write_report
+from pipeline.rollout.base import RolloutEngine, SamplingParams
+
+log = logging.getLogger("evaluation")
+
+FINAL, PARTIAL, META = "responses.jsonl", "responses.partial.jsonl", "meta.json"
+
+
+class ResumeMismatch(ValueError):
+    """An output folder holds responses generated with different settings."""
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    benchmarks: list[str],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 1024,
+    out_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    timeout_s: float = 5.0,
+    progress: bool = True,
+    prompt_style: str = "auto",
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``engine`` on each benchmark (``NAME`` or ``NAME=SOURCE``, see :mod:`evaluation.benchmarks`).
+
+    ``samples`` responses per problem (k); ``temperature`` 0 is greedy. ``batch_size`` problems go to the engine per
+    call (``batch_size * samples`` sequences) and are written before the next call. ``model_id`` (e.g. the checkpoint
+    path) is recorded and checked on resume. All benchmarks are loaded before anything is generated, so a missing
+    file fails fast. Returns the ``results.json`` content: ``{"settings": ..., "benchmarks": {name: {"metrics": {...},
+    "breakdown": ..., "length": ..., "skipped_rows": [...], ...}}}``.
+    """
+    if samples < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"samples={samples}, batch_size={batch_size}, max_new_tokens={max_new_tokens} must be >= 1")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or None for every problem)")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style={prompt_style!r} is not one of {', '.join(PROMPT_STYLES)}")
+    names = [s.partition("=")[0].strip() for s in benchmarks]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"benchmarks={benchmarks!r}: give at least one, each name once")
+    loaded = [load_benchmark(s, data_dir=data_dir, limit=limit) for s in benchmarks]  # fixed sets: no seed
+    for lb in loaded:
+        for bad in lb.bad_rows:
+            log.warning("%s: skipped row %s", lb.benchmark.name, bad)
+    settings = {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "seed": seed, "prompt_style": prompt_style, "model": model_id}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"settings": {**settings, "limit": limit, "timeout_s": timeout_s}, "benchmarks": {}}
+    for lb in loaded:
+        records = run_benchmark(engine, tokenizer, lb, settings, out / lb.benchmark.name,
+                                batch_size=batch_size, timeout_s=timeout_s, progress=progress)
+        results["benchmarks"][lb.benchmark.name] = summarize(lb, records, samples, timeout_s)
+    write_json_atomic(out / "results.json", results)
+    write_report(out / "report.md", results)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# generation with resume
+
+
+def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, settings: dict[str, Any], folder: Path,
+                  *, batch_size: int, timeout_s: float, progress: bool) -> list[list[dict[str, Any]]]:
+    """Generate and grade every problem not already on disk; returns ``records[p][s]`` in problem order."""
+    b, k = lb.benchmark, settings["samples"]
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**settings, "benchmark": b.name, "source": lb.source}
+    _check_meta(folder / META, meta)
+    done = _load_done(folder, k)
+    todo = [(i, p) for i, p in enumerate(lb.problems) if p.id not in done]
+    grader = GRADERS[b.grader]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(lb.problems), initial=len(lb.problems) - len(todo), desc=b.name, unit="problem",
+               disable=not progress)
+    params = dict(n=k, temperature=settings["temperature"], top_p=settings["top_p"],
+                  max_new_tokens=settings["max_new_tokens"])
+    style = settings["prompt_style"]
+    with open(folder / PARTIAL, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            prompts = [encode_prompt(tokenizer, p.text, chat=b.chat, style=style) for _, p in chunk]
+            batch_seed = (settings["seed"] * 1_000_003 + zlib.crc32(b.name.encode()) + chunk[0][0]) % 2**31
+            gens = engine.generate(prompts, SamplingParams(**params, seed=batch_seed))
+            by_prompt: list[list[Any]] = [[] for _ in chunk]
+            for g in gens:
+                by_prompt[g.prompt_index].append(g)
+            if any(len(g) != k for g in by_prompt):
+                raise RuntimeError(f"{b.name}: the engine returned {[len(g) for g in by_prompt]} responses per prompt; "
+                                   f"expected {k} each")
+            lines = []
+            for (_, p), prompt_ids, gs in zip(chunk, prompts, by_prompt):
+                recs = [_record(b.name, p, s, g, tokenizer, grader, timeout_s) for s, g in enumerate(gs)]
+                done[p.id] = recs
+                lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
+            f.write("".join(lines))  # one write per batch; a kill tears at most the last line
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    records = [done[p.id] for p in lb.problems]
+    _write_lines_atomic(folder / FINAL, [json.dumps(r, ensure_ascii=False) + "\n" for rs in records for r in rs])
+    (folder / PARTIAL).unlink(missing_ok=True)
+    return records
+
+
+def _record(bench: str, p: Problem, sample: int, gen: Any, tokenizer: Any, grader: Any,
+            timeout_s: float) -> dict[str, Any]:
+    text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+    g = grader.grade(text, p.answer, timeout_s)
+    return {"benchmark": bench, "problem_id": p.id, "sample": sample, "prompt": p.text, "response": text,
+            "extracted": g.extracted, "gold": p.answer, "correct": g.correct, "grade_error": g.error,
+            "n_tokens": len(gen.token_ids), "finished": bool(gen.finished), "meta": p.meta}
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"{key}: {old.get(key)!r} -> {meta.get(key)!r}" for key in sorted(set(old) | set(meta))
+                if old.get(key) != meta.get(key)]
+        if diff:
+            raise ResumeMismatch(f"{path.parent} holds responses generated with other settings ({'; '.join(diff)}); "
+                                 "use another output folder, or delete this one to start over")
+        return
+    write_json_atomic(path, meta)
+
+
+def _load_done(folder: Path, k: int) -> dict[str, list[dict[str, Any]]]:
+    """Problems with all ``k`` responses on disk. Unparsable lines (a write torn by a kill) are dropped, and the
+    partial file is rewritten without them so that new batches append after a clean line end."""
+    by_id: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in (FINAL, PARTIAL):
+        path = folder / name
+        if not path.is_file():
+            continue
+        good, torn = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                r = json.loads(line)
+                by_id.setdefault(r["problem_id"], {})[int(r["sample"])] = r
+                good.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                torn += 1
+        if torn and name == PARTIAL:
+            log.warning("%s: dropped %d torn line(s) from an interrupted run", path, torn)
+            _write_lines_atomic(path, good)
+    return {pid: [s[i] for i in range(k)] for pid, s in by_id.items() if set(s) == set(range(k))}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(lb: LoadedBenchmark, records: list[list[dict[str, Any]]], k: int, timeout_s: float) -> dict[str, Any]:
+    """Metrics of one benchmark from its graded records (``records[p][s]``)."""
+    b = lb.benchmark
+    grader = GRADERS[b.grader]
+    correct = torch.tensor([[r["correct"] for r in rs] for rs in records], dtype=torch.bool)  # (P, k)
+    lengths = torch.tensor([[r["n_tokens"] for r in rs] for rs in records], dtype=torch.long)  # (P, k)
+    finished = torch.tensor([[r["finished"] for r in rs] for rs in records], dtype=torch.bool)  # (P, k)
+
+    def same(a: str, c: str) -> bool:
+        return grader.equivalent(a, c, timeout_s)
+
+    winners = [majority_vote([r["extracted"] for r in rs], same) for rs in records]
+    maj = torch.tensor([w is not None and rs[w]["correct"] for w, rs in zip(winners, records)], dtype=torch.bool)
+    out: dict[str, Any] = {
+        "source": lb.source,
+        "n_problems": len(records),
+        "samples": k,
+        "metrics": score_metrics(correct, maj),
+        "length": length_stats(lengths, finished, correct),
+        "no_answer": sum(r["extracted"] is None for rs in records for r in rs) / max(1, correct.numel()),
+        "grade_errors": sum(r["grade_error"] is not None for rs in records for r in rs),
+        "breakdown": {},
+        "skipped_rows": [str(x) for x in lb.bad_rows],
+    }
+    for field_name in b.breakdown:
+        keys = [rs[0]["meta"].get(field_name, "unknown") for rs in records]
+        if any(key != "unknown" for key in keys):
+            out["breakdown"][field_name] = breakdown(correct, keys)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_lines_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"])
