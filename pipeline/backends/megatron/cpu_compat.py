@@ -10,7 +10,8 @@ only where the library names the GPU directly:
 
 :func:`enable` fixes exactly these, and only inside the megatron-core modules listed in :data:`PATCHED_MODULES`: each
 of them gets its module-global ``torch`` replaced by a thin proxy whose ``cuda.current_device()`` is the CPU,
-``cuda.synchronize()`` is a no-op, ``cuda.manual_seed`` seeds the CPU generator, and whose tensor factories map
+``cuda.synchronize()`` is a no-op, ``cuda.manual_seed`` / ``get_rng_state`` / ``set_rng_state`` act on the CPU
+generator (so the RNG tracker's named streams are CPU generator states), and whose tensor factories map
 ``device="cuda"`` to the CPU. Everything else resolves to the real ``torch``; nothing outside megatron-core changes.
 The RNG tracker's two state accessors are pointed at the CPU generator.
 
@@ -85,6 +86,14 @@ class _CudaOnCpu(types.ModuleType):
     @staticmethod
     def manual_seed(seed: int) -> None:
         torch.manual_seed(seed)
+
+    @staticmethod
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+        torch.set_rng_state(new_state)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)

@@ -41,8 +41,11 @@ def sync_grads(model: torch.nn.Module, layout: Layout) -> None:
 
 def _counted(name: str, p: Tensor, tp_rank: int, first_stage: bool, tied_across_stages: bool) -> bool:
     """Whether ``p``'s gradient enters the global norm on this rank (each distinct parameter exactly once)."""
-    if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
-        return False  # replicated over TP ranks (norms, biases of row-parallel layers)
+    if "layernorm" in name and tp_rank != 0:
+        # replicated over TP ranks. Decided by name: megatron-core sets ``tensor_model_parallel`` only in its weight
+        # initialisers, which are skipped because weights come from a checkpoint. Every other parameter of the
+        # mapped model (embedding, QKV weight and bias, projections, output layer) is split across TP ranks.
+        return False
     if tied_across_stages and name == TIED_COPY and not first_stage:
         return False  # the embedding is counted on the first stage
     return True
