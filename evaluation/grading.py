@@ -8,6 +8,7 @@ symbolic-math stack.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from lampo.registry import Registry
 
@@ -38,18 +39,26 @@ class MathGrader(Grader):
     """Final answer in ``\\boxed{}`` (or the extractor's other patterns), compared to the gold answer symbolically."""
 
     def grade(self, response: str, gold: str, timeout_s: float) -> Grade:
-        from lampo.rewards.math import extract_answer, is_equivalent
+        from lampo.rewards.math import extract_answer
 
         pred = extract_answer(response)
         if pred is None:
             return Grade(None, False, None)
-        ok, err = is_equivalent(pred, gold, timeout_s=timeout_s)
-        return Grade(pred, bool(ok), err)
+        ok, err = _compare(pred, gold, timeout_s)
+        return Grade(pred, ok, err)
 
     def equivalent(self, a: str, b: str, timeout_s: float) -> bool:
-        from lampo.rewards.math import is_equivalent
+        return a.strip() == b.strip() or _compare(a, b, timeout_s)[0]
 
-        return a.strip() == b.strip() or bool(is_equivalent(a, b, timeout_s=timeout_s)[0])
+
+@lru_cache(maxsize=1 << 16)
+def _compare(pred: str, gold: str, timeout_s: float) -> tuple[bool, str | None]:
+    """``is_equivalent``, memoised: the k samples of a problem often repeat one answer, and each uncached comparison
+    may cost a round trip to the math-verify worker."""
+    from lampo.rewards.math import is_equivalent
+
+    ok, err = is_equivalent(pred, gold, timeout_s=timeout_s)
+    return bool(ok), err
 
 
 class ChoiceGrader(Grader):

@@ -73,6 +73,29 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
     return max(groups, key=len)[0]  # max keeps the first of equal-sized groups
 
 
+_GOLD = "\x00gold"  # stands for "the gold answer" in majority_correct's votes
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool], same: Callable[[str, str], bool]) -> bool:
+    """Whether the majority vote of one problem's samples (see :func:`majority_vote`) picks a correct answer.
+
+    The samples graded correct are all the gold answer, so they form one group without comparing them; a wrong
+    answer never joins it. That gives two shortcuts that skip the (possibly slow) ``same`` calls entirely: no correct
+    sample means the vote is wrong, and fewer wrong answers than correct samples means it is right. Only contested
+    problems group the wrong answers with ``same``. Equal to ``majority_vote`` with every correct sample's answer
+    replaced by the gold answer.
+    """
+    c = sum(bool(x) for x in correct)
+    n_wrong = sum(1 for a, ok in zip(answers, correct) if a is not None and not ok)
+    if c == 0:
+        return False
+    if n_wrong < c:
+        return True
+    votes = [_GOLD if ok else a for a, ok in zip(answers, correct)]
+    winner = majority_vote(votes, lambda x, y: x == y if _GOLD in (x, y) else same(x, y))
+    return winner is not None and bool(correct[winner])
+
+
 def score_metrics(correct: Tensor, maj_correct: Tensor) -> dict[str, float]:
     """avg@k, pass@j for j in :func:`pass_ks`, maj@k and their standard errors.
 

@@ -10,8 +10,8 @@ Output layout under ``out_dir``::
 
 Resuming: run the same call again. Problems whose ``k`` responses are already in ``responses.jsonl`` or the partial
 file are not generated again; a line torn by a kill is dropped and its problem regenerated. Each batch's sampling seed
-depends only on ``seed``, the benchmark and the batch's first problem, so a resumed run samples like an uninterrupted
-one would have (given an engine that honours ``SamplingParams.seed``). Changing a generation setting (samples,
+depends only on ``seed``, the benchmark and the batch's first problem, so a run resumed after a kill between batches
+samples exactly like an uninterrupted one (given an engine that honours ``SamplingParams.seed``). Changing a generation setting (samples,
 temperature, top_p, max_new_tokens, seed, prompt style, model, data source) in an existing folder is refused rather
 than mixing responses; ``limit`` may change (problems already done are reused).
 """
@@ -28,7 +28,7 @@ import torch
 
 from evaluation.benchmarks import LoadedBenchmark, Problem, load_benchmark
 from evaluation.grading import GRADERS
-from evaluation.metrics import breakdown, length_stats, majority_vote, score_metrics
+from evaluation.metrics import breakdown, length_stats, majority_correct, score_metrics
 from evaluation.prompts import PROMPT_STYLES, encode_prompt
 from evaluation.report import write_report
 from pipeline.rollout.base import RolloutEngine, SamplingParams
@@ -203,8 +203,8 @@ def summarize(lb: LoadedBenchmark, records: list[list[dict[str, Any]]], k: int, 
     def same(a: str, c: str) -> bool:
         return grader.equivalent(a, c, timeout_s)
 
-    winners = [majority_vote([r["extracted"] for r in rs], same) for rs in records]
-    maj = torch.tensor([w is not None and rs[w]["correct"] for w, rs in zip(winners, records)], dtype=torch.bool)
+    maj = torch.tensor([majority_correct([r["extracted"] for r in rs], [r["correct"] for r in rs], same)
+                        for rs in records], dtype=torch.bool)  # (P,)
     out: dict[str, Any] = {
         "source": lb.source,
         "n_problems": len(records),

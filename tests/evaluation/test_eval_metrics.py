@@ -158,3 +158,31 @@ def test_length_stats() -> None:
     assert s["max"] == 1000 and s["truncated"] == pytest.approx(1 / 6)
     assert s["mean_correct"] == pytest.approx(20) and s["mean_incorrect"] == pytest.approx(1110 / 4)
     assert length_stats(lengths, finished, torch.zeros_like(correct))["mean_correct"] is None
+
+
+CANON = {"1/2": "h", "0.5": "h", "2": "2", "2.0": "2", "3": "3"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([None, "1/2", "0.5", "2", "2.0", "3"]), min_size=1, max_size=10))
+def test_majority_correct_matches_a_brute_force_vote(answers: list[str | None]) -> None:
+    """Gold is 1/2; brute force: count votes per canonical value, largest wins, a tie goes to the value seen first."""
+    correct = [a is not None and CANON[a] == "h" for a in answers]
+    calls = []
+
+    def same(a: str, b: str) -> bool:
+        calls.append((a, b))
+        return CANON[a] == CANON[b]
+
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[CANON[a]] = counts.get(CANON[a], 0) + 1
+    want = bool(counts) and max(counts, key=lambda v: counts[v]) == "h"  # dicts keep first-seen order
+    from evaluation.metrics import majority_correct
+
+    assert majority_correct(answers, correct, same) == want
+    c, n_wrong = sum(correct), sum(a is not None and not ok for a, ok in zip(answers, correct))
+    if c == 0 or n_wrong < c:
+        assert calls == []  # decided without comparing answers
+    assert all("\x00gold" not in pair for pair in calls)
