@@ -36,8 +36,17 @@ def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
                             + "\nuse another run.dir, or --force to continue with the new config")
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and log lines say what happens; silence the libraries' per-load bars."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
     dist.init()
+    quiet_libraries()
     cfg = load_config(config, overrides)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
