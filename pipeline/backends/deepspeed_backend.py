@@ -1,0 +1,335 @@
+"""DeepSpeed ZeRO training backend: the torch backend's exact step, data-parallel over ``torch.distributed`` ranks.
+
+One ``sft_step``/``rl_step`` is one optimizer step on the GLOBAL batch it is given, whatever the world size:
+
+* the batch is cut into micro-batches of ``backend.micro_batch_size`` rows exactly as :class:`TorchBackend` cuts it,
+  and micro-batch ``m`` runs on data-parallel rank ``m % world``. A rank with fewer micro-batches than the others runs
+  a zero-weight dummy forward/backward, because ZeRO's gathers and reductions are collective and must be matched;
+* loss normalisers (response-token count, sequence count) are computed on the global batch, so every micro-batch loss
+  is already a share of the global loss. DeepSpeed would divide it by ``gradient_accumulation_steps`` (we pass
+  ``scale_wrt_gas=False``) and its gradient reduction averages over ranks (we multiply by the world size first), so
+  the reduced gradient is the plain sum that the torch backend accumulates;
+* the accumulation boundary is set by hand on the last micro-batch, so a batch of any size is one optimizer step;
+  ``gradient_accumulation_steps`` in the DeepSpeed config is updated to the real count every step for its bookkeeping.
+
+Optimizer and schedule: AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay) built by DeepSpeed from its config:
+``torch.optim.AdamW`` normally, DeepSpeed's CPU Adam in AdamW mode when ``backend.offload_optimizer`` is on (that op is
+compiled on first use). The LR follows :func:`~pipeline.backends.common.warmup_cosine` through a ``LambdaLR`` that
+DeepSpeed steps at each optimizer step; gradient clipping is DeepSpeed's ``gradient_clipping``.
+
+Devices: on CUDA, NCCL and one GPU per local rank; bf16 (``backend.bf16``) is used only there, with DeepSpeed keeping
+fp32 master weights. Without CUDA we set ``DS_ACCELERATOR=cpu`` before DeepSpeed first looks for an accelerator (an
+explicit ``DS_ACCELERATOR`` in the environment wins) and use gloo. ``torch.distributed`` is initialised from the
+variables ``torchrun`` sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), or as a one-process group on a
+free local port when they are absent; an already initialised process group is used as is.
+
+Departures from the torch backend, none of which changes the computed step: the KL reference model is a plain frozen
+copy replicated on every rank (not ZeRO-partitioned); the HF checkpoint is loaded in fp32 on the CPU by every rank
+before DeepSpeed moves/partitions it (no ``zero.Init``), so ZeRO-3 saves optimizer and gradient memory, not load-time
+memory; ``save``/``load`` use DeepSpeed's own checkpoint format (sharded optimizer state), and ``export_hf`` writes
+the standard HF format. A non-finite gradient norm is only seen after DeepSpeed's step, so unlike the torch backend
+the update may already be applied when the error is raised (non-finite losses are caught before backward).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lampo.record import TokenBatch, check_finite
+from pipeline.backends.base import TrainingBackend
+from pipeline.backends.common import (entropy_aligned, merge_metrics, policy_kwargs, rng_state, set_rng_state,
+                                      token_logprobs_from_logits, warmup_cosine)
+from pipeline.models import load_hf_model
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+CHECKPOINT_TAG = "state"  # DeepSpeed's sub-folder inside a save() folder
+
+# a micro-batch's loss and its metrics (None for SFT), given the model's logits (b, T, V) and the micro-batch
+LossFn = Callable[[Tensor, TokenBatch], tuple[Tensor, dict[str, float] | None]]
+
+
+def setup_accelerator() -> torch.device:
+    """The device this process trains on, after pointing DeepSpeed at the CPU accelerator when there is no CUDA.
+
+    Must run before DeepSpeed's first ``get_accelerator()`` call (importing deepspeed does not make one).
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        raise RuntimeError(f"no CUDA device, but DeepSpeed uses the {get_accelerator().device_name()!r} accelerator "
+                           "(DS_ACCELERATOR is set or DeepSpeed was initialised earlier); unset DS_ACCELERATOR")
+    # DeepSpeed's comm layer JIT-compiles a shared-memory all-reduce op for CPU *inference* (2-3 minutes, C++) when
+    # it creates its backend; training collectives never use it (inference_all_reduce falls back to torch), so mark
+    # it unavailable. DeepSpeed keeps this dict in its module precisely so that edits persist.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the ``torch.distributed`` group torchrun describes, or start a one-process group; no-op if one exists."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
+        return
+    with socket.socket() as s:  # one process without torchrun: any free local port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
+
+
+class DeepSpeedBackend(TrainingBackend):
+    def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
+        self.validate_config(cfg)
+        self.cfg = cfg
+        self.device = setup_accelerator()
+        init_distributed(self.device)
+        import deepspeed
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.bf16 = cfg.backend.bf16 and self.device.type == "cuda"
+        self.micro = cfg.backend.micro_batch_size
+        model = load_hf_model(model_path, cfg, torch.device("cpu")).train()  # fp32; DeepSpeed moves/casts it
+        if cfg.backend.recompute_activations:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = None
+        if reference:
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
+            self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
+
+        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+                s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self._ds_config(lr, weight_decay), lr_scheduler=schedule)
+        self.module = self.engine.module  # the HF model (ZeRO-3: parameters partitioned)
+        self.step = 0
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        from pipeline.config import ConfigError
+
+        b = cfg.backend
+        if b.tensor_parallel != 1 or b.pipeline_parallel != 1:
+            raise ConfigError(f"backend.tensor_parallel={b.tensor_parallel}, pipeline_parallel={b.pipeline_parallel}: "
+                             "the deepspeed backend is data-parallel only (ZeRO); set both to 1 or use "
+                             "backend=megatron for tensor/pipeline parallelism")
+        if b.sequence_parallel or b.distributed_optimizer:
+            raise ConfigError("backend.sequence_parallel and backend.distributed_optimizer are Megatron options; with "
+                             "backend=deepspeed shard the optimizer with backend.zero_stage instead")
+        if b.offload_optimizer and b.zero_stage == 0:
+            raise ConfigError("backend.offload_optimizer needs ZeRO: set backend.zero_stage to 1, 2 or 3")
+        if b.micro_batch_size < 1:
+            raise ConfigError(f"backend.micro_batch_size={b.micro_batch_size} must be >= 1")
+
+    def _ds_config(self, lr: float, weight_decay: float) -> dict[str, Any]:
+        b, cfg = self.cfg.backend, self.cfg
+        # The real accumulation count is set every step; the initial one only has to be > 1 whenever a step can
+        # accumulate, because ZeRO's offload path picks its gradient buffers from it at construction.
+        largest = max(cfg.sft.batch_size, cfg.rl.mini_batch_size)
+        gas = max(1, math.ceil(largest / (self.micro * self.world)))
+        zero: dict[str, Any] = {"stage": b.zero_stage}
+        if b.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        return {
+            "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": gas,
+            "train_batch_size": self.micro * gas * self.world,
+            "gradient_clipping": b.grad_clip,
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay,
+                "torch_adam": not b.offload_optimizer}},
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def _logits(self, model: Any, mb: TokenBatch) -> Tensor:
+        return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # (b, T, V)
+
+    def _my_micro_batches(self, batch: TokenBatch) -> tuple[list[TokenBatch], list[int | None]]:
+        """All micro-batches of the global ``batch`` and the indices this rank runs; ``None`` pads a rank to the
+        common count ``ceil(M / world)`` with a dummy micro-batch."""
+        mbs = batch.split(self.micro)
+        mine: list[int | None] = list(range(self.rank, len(mbs), self.world))
+        mine += [None] * (math.ceil(len(mbs) / self.world) - len(mine))
+        return mbs, mine
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
+        model = self.reference if reference else self.engine
+        if model is None:
+            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        mbs, mine = self._my_micro_batches(batch)
+        T = batch.input_ids.shape[1]
+        local = torch.zeros((len(mine), self.micro, T), device=self.device)  # (k, micro, T)
+        for k, m in enumerate(mine):
+            mb = mbs[0 if m is None else m].to(self.device)
+            lp = token_logprobs_from_logits(self._logits(model, mb), mb.input_ids)  # (b, T); dummy: gathers only
+            local[k, :len(mb)] = lp * mb.attention_mask
+        if self.world > 1:
+            shards = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(shards, local)
+        else:
+            shards = [local]
+        # micro-batch m was computed by rank m % world as its (m // world)-th
+        return torch.cat([shards[m % self.world][m // self.world, :len(mb)].cpu() for m, mb in enumerate(mbs)])
+
+    # --- optimizer steps ----------------------------------------------------------------------------------------------
+    def _train_step(self, batch: TokenBatch, loss_fn: LossFn) -> list[tuple[int, float, dict[str, float] | None]]:
+        """Forward/backward of this rank's micro-batches, then one optimizer step. Returns every rank's
+        ``(micro-batch index, loss value, metrics)`` in micro-batch order."""
+        if len(batch) == 0:
+            raise ValueError("an optimizer step needs a non-empty batch")
+        mbs, mine = self._my_micro_batches(batch)
+        self.engine.set_train_batch_size(len(mine) * self.micro * self.world)
+        parts = []
+        for k, m in enumerate(mine):
+            self.engine.set_gradient_accumulation_boundary(k == len(mine) - 1)
+            mb = mbs[0 if m is None else m].to(self.device)
+            logits = self._logits(self.engine, mb)
+            if m is None:  # keeps collectives matched; contributes exactly zero gradient
+                loss, metrics = logits.float().sum() * 0.0, None
+            else:
+                loss, metrics = loss_fn(logits, mb)
+                check_finite("loss", loss.detach())
+                parts.append((m, loss.item(), metrics))
+            # undo DeepSpeed's mean over data-parallel ranks; scale_wrt_gas=False: no division by the micro-batch count
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        return sorted(parts, key=lambda p: p[0])
+
+    def _optimizer_step(self) -> dict[str, float]:
+        lr = self.scheduler.get_last_lr()[0]
+        own_norm = None
+        if self.cfg.backend.zero_stage == 0:  # without ZeRO DeepSpeed does not record the norm; grads are whole here
+            own_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        self.engine.step()
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm if grad_norm is not None else own_norm if own_norm is not None else "nan")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step - 1}; the update may already "
+                                     "be applied: resume from the last checkpoint with a lower learning rate or "
+                                     "check the data")
+        return {"grad_norm": grad_norm, "lr": lr}
+
+    def sft_step(self, batch: TokenBatch) -> dict[str, float]:
+        num_tokens = batch.response_mask.sum().clamp(min=1.0).to(self.device)
+
+        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, None]:
+            lp = token_logprobs_from_logits(logits, mb.input_ids)  # (b, T)
+            return -(lp * mb.response_mask).sum() / num_tokens, None
+
+        parts = self._train_step(batch, loss_fn)
+        stats = self._optimizer_step()
+        return {"loss": sum(v for _, v, _ in parts), **stats}
+
+    def rl_step(self, batch: TokenBatch) -> dict[str, float]:
+        from lampo.losses import policy_objective
+
+        if batch.old_logprobs is None or batch.advantages is None:
+            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
+        algo = self.cfg.rl.algorithm
+        kwargs = policy_kwargs(algo, max_len=self.cfg.rollout.max_new_tokens)
+        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
+
+        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
+            lp = token_logprobs_from_logits(logits, mb.input_ids)  # (b, T)
+            ent = entropy_aligned(logits)
+            if algo.entropy_coef == 0:
+                ent = ent.detach()
+            loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                             ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
+                                             num_seqs=len(batch), **kwargs)
+            metrics["loss"] = loss.item() * num_tokens / max(1.0, mb.response_mask.sum().item())
+            return loss, metrics
+
+        parts = self._train_step(batch, loss_fn)
+        stats = self._optimizer_step()
+        tokens = [mb.response_mask.sum().item() for mb in batch.split(self.micro)]
+        return {**merge_metrics([(tokens[m], metrics) for m, _, metrics in parts]), **stats}
+
+    # --- checkpoints and weights --------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Collective: every rank must call it. Writes DeepSpeed's checkpoint under ``path/state`` (optimizer state
+        sharded per rank) plus one RNG file per rank."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, client_state={"step": self.step})
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        dist.barrier()
+
+    def load(self, path: str | Path) -> None:
+        """Collective. The world size must match the one that saved (ZeRO shards are per rank)."""
+        path = Path(path)
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if not (path / CHECKPOINT_TAG).is_dir() or not rng_file.is_file():
+            raise FileNotFoundError(f"{path} holds no DeepSpeed backend checkpoint for rank {self.rank} (expected "
+                                    f"{CHECKPOINT_TAG}/ and {rng_file.name}); was it saved by this backend with the "
+                                    "same world size?")
+        loaded, client = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        self.step = client["step"]
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Collective under ZeRO-3 (each parameter is gathered in turn). Yields detached copies on the main rank
+        only, in ``state_dict`` order with Hugging Face names (tied weights under each of their names)."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            with GatheredParameters([t], modifier_rank=None):  # no-op unless t is ZeRO-3 partitioned
+                full = t.detach().clone() if self.is_main else None
+            if full is not None:
+                yield name, full
+
+    def export_hf(self, path: str | Path) -> None:
+        """Collective; the main rank writes config.json + model.safetensors (in the training dtype: bf16 when
+        ``backend.bf16``)."""
+        state = dict(self.named_full_tensors())
+        if self.is_main:
+            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        dist.barrier()
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            if self.cfg.backend.zero_stage > 0:
+                self.engine.offload_states()
+            torch.cuda.empty_cache()
+
+    def reacquire_memory(self) -> None:
+        if self.device.type == "cuda" and self.cfg.backend.zero_stage > 0:
+            self.engine.reload_states()
