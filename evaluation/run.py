@@ -75,6 +75,9 @@ def evaluate(
         raise ValueError(f"limit={limit} must be >= 1 (or None for every problem)")
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style={prompt_style!r} is not one of {', '.join(PROMPT_STYLES)}")
+    if temperature == 0 and samples > 1:
+        log.warning("temperature 0 is greedy: the %d samples per problem will be identical; pass@k and maj@k then "
+                    "equal avg@k", samples)
     names = [s.partition("=")[0].strip() for s in benchmarks]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"benchmarks={benchmarks!r}: give at least one, each name once")

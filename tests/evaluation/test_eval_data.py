@@ -223,3 +223,55 @@ def test_tiny_benchmark_is_the_heldout_split_with_raw_text() -> None:
     assert [p.answer for p in lb.problems] == [r["answer"] for r in rows]
     assert all(split_of(expression_of(p.text)) == "heldout" for p in lb.problems)
     assert lb.benchmark.chat is False
+
+
+def test_parse_hub() -> None:
+    from evaluation.data import HubSource, parse_hub
+
+    assert parse_hub("hub:Idavidrein/gpqa:gpqa_diamond@train") == HubSource("Idavidrein/gpqa", "gpqa_diamond", "train")
+    assert parse_hub("openai/gsm8k:main") == HubSource("openai/gsm8k", "main", "test")
+    assert str(parse_hub("hub:a/b@dev")) == "hub:a/b@dev"
+    with pytest.raises(BenchmarkDataError, match="not a hub dataset id"):
+        parse_hub("hub:nope")
+
+
+# rows as the default hub sets lay them out (column names from their dataset cards)
+HUB_ROWS = {
+    "math500": [{"problem": "P?", "solution": "s", "answer": "\\frac12", "subject": "Algebra", "level": 3,
+                 "unique_id": "test/algebra/1.json"}],
+    "aime24": [{"id": 60, "problem": "P?", "solution": "s", "answer": "204", "url": "u", "year": "2024"}],
+    "aime25": [{"problem": "P?", "answer": "70", "id": "0"}],
+    "gsm8k": [{"question": "P?", "answer": "3 * 5 = <<3*5=15>>15\n#### 1,015"}],
+    "gpqa_diamond": [{"Question": "P?", "Correct Answer": "yes", "Incorrect Answer 1": "no",
+                      "Incorrect Answer 2": "maybe", "Incorrect Answer 3": "never", "Record ID": "recX",
+                      "High-level domain": "Physics"}],
+}
+HUB_EXPECT = {"math500": ("test/algebra/1.json", "\\frac12", {"subject": "Algebra", "level": 3}),
+              "aime24": ("60", "204", {}), "aime25": ("0", "70", {}), "gsm8k": ("gsm8k-0", "1015", {}),
+              "gpqa_diamond": ("recX", None, {"domain": "Physics"})}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_ROWS))
+def test_default_hub_layouts_map_to_problems(monkeypatch, name: str) -> None:
+    import evaluation.benchmarks as eb
+
+    asked = []
+
+    def fake_read_hub(src, hint=""):
+        asked.append(src)
+        return [{**r, "where": f"{src}[{i}]"} for i, r in enumerate(HUB_ROWS[name])]
+
+    monkeypatch.setattr(eb, "read_hub", fake_read_hub)
+    lb = load_benchmark(name)
+    assert asked == [BENCHMARKS[name].hub] and lb.source == str(BENCHMARKS[name].hub)
+    (p,) = lb.problems
+    pid, answer, meta = HUB_EXPECT[name]
+    assert p.id == pid and p.text.startswith("P?")
+    if answer is not None:
+        assert p.answer == answer
+    else:
+        assert p.meta["choices"]["ABCD".index(p.answer)] == "yes"
+    assert {k: v for k, v in p.meta.items() if k != "choices"} == meta
+    # an explicit hub source for a benchmark goes to the hub too
+    load_benchmark(f"{name}=hub:someone/copy:cfg@dev")
+    assert str(asked[-1]) == "hub:someone/copy:cfg@dev"

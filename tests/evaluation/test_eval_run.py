@@ -172,3 +172,25 @@ def test_tensorboard_scalars(char_tokenizer, tmp_path: Path) -> None:
     with SummaryWriter(str(tmp_path / "tb")) as sw:
         log_to_tensorboard(sw, res, step=1)
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_gpqa_multiple_choice_end_to_end(char_tokenizer, tmp_path: Path) -> None:
+    from .test_eval_data import write_gpqa
+
+    write_gpqa(tmp_path / "gpqa_diamond.csv", 8)
+
+    def pick(text: str, s: int) -> str:
+        """Sample 0 boxes the right option's letter; sample 1 names a wrong letter in words."""
+        letters = {line[3:]: line[0] for line in text.splitlines() if line[1:3] == ") "}
+        right = next(L for opt, L in letters.items() if opt.startswith("right"))
+        wrong = next(L for L in "ABCD" if L != right)
+        return f"So \\boxed{{{right}}}" if s == 0 else f"The answer is ({wrong})."
+
+    res = run(ScriptedEngine(char_tokenizer, pick), tmp_path / "o", benchmarks=("gpqa_diamond",), samples=2,
+              data_dir=tmp_path, limit=None)
+    r = res["benchmarks"]["gpqa_diamond"]
+    assert r["n_problems"] == 8 and r["metrics"]["avg@2"] == 0.5 and r["metrics"]["pass@2"] == 1.0
+    assert r["metrics"]["maj@2"] == 1.0  # a 1-1 tie goes to the answer given first
+    assert set(r["breakdown"]["domain"]) == {"Physics", "Chemistry", "Biology"}
+    recs = [json.loads(x) for x in (tmp_path / "o" / "gpqa_diamond" / "responses.jsonl").read_text().splitlines()]
+    assert all(x["extracted"] in tuple("ABCD") and x["gold"] in tuple("ABCD") for x in recs)
