@@ -116,11 +116,12 @@ def normalize_answer(ans: str) -> str:
     """A canonical spelling of a short answer string; both prediction and gold go through it.
 
     Removes ``$``, ``\\$``, ``\\left``/``\\right``, LaTeX spacing (``\\!``, ``\\,``), a trailing period, degree marks,
-    percent signs, a leading ``x =``-free wrapper ``\\text{...}`` around the whole answer, and trailing unit text
-    (``5.4 \\text{ cents}``, ``864 \\mbox{ inches}^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac`` and ``1,234``
-    (or ``1,\\!234``) into ``1234``. Departure: percent is dropped, so "50\\%" and "50" are the same answer.
+    percent signs, a ``\\text{...}`` wrapper around the whole answer, and trailing unit text (``5.4 \\text{ cents}``,
+    ``864 \\mbox{ inches}^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac``, a Unicode minus into ``-``, and
+    ``1,234`` (or ``1,\\!234``) into ``1234`` (a comma-separated list with spaces, ``1, 234``, stays a list).
+    Departure: percent is dropped, so "50\\%" and "50" are the same answer.
     """
-    s = ans.strip()
+    s = ans.strip().replace("\u2212", "-")
     s = re.sub(r"(\d),\\!\s*(?=\d{3})", r"\1", s)  # 10,\!080 -> 10080 (LaTeX thousands separator)
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -137,8 +138,8 @@ def normalize_answer(ans: str) -> str:
     m = _WHOLE_TEXT.match(s)
     if m:
         s = m.group(1).strip()
-    if _THOUSANDS.match(s.replace(" ", "")):
-        s = s.replace(" ", "").replace(",", "")
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
     return s.strip()
 
 
@@ -147,14 +148,17 @@ def _plain_number(s: str) -> Fraction | None:
 
 
 def _text_answer(s: str) -> str | None:
-    """Lower-cased word answer ("Evelyn", "(C)", "even"), or None for anything that may be mathematics."""
-    if len(s) < 2 or not _TEXT_ANSWER.match(s) or len(s.strip("()")) < 1:
+    """Lower-cased word answer ("Evelyn", "(C)", "even", "right angle"), or None for anything that may be
+    mathematics ("x", "p - q", "ab": single letters are variables)."""
+    if not _TEXT_ANSWER.match(s):
         return None
     core = s.strip("()").strip().lower()
-    # a single letter in parentheses is a choice ("(C)"); a bare single letter is a variable
-    if len(core) == 1 and not (s.startswith("(") and s.endswith(")")):
-        return None
-    return core
+    if len(core) == 1 and s.startswith("(") and s.endswith(")"):
+        return core  # a choice letter
+    words = re.split(r"[\s\-]+", core)
+    if all(len(w) >= 2 for w in words) and any(len(w) >= 3 for w in words):
+        return core
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- equivalence
@@ -185,7 +189,7 @@ def is_equivalent(pred: str, gold: str, timeout_s: float = 5.0) -> tuple[bool, s
         return pn == gn, None
     gt = _text_answer(g)
     if gt is not None:  # a word answer is matched as a word, never by sympy (which reads "east" as e*a*s*t)
-        return _TEXT_ANSWER.match(p) is not None and p.strip("()").strip().lower() == gt, None
+        return bool(_TEXT_ANSWER.match(p)) and p.strip("()").strip().lower() == gt, None
     return shared_worker().verify(p, g, timeout_s)
 
 

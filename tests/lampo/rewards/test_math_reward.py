@@ -56,7 +56,10 @@ EQUIVALENT = [
     ("\\frac{\\sqrt{3}}{3}", ["\\frac{1}{\\sqrt{3}}"]),
     ("-2,1", ["1, -2"]),
     (".0000672", ["0.0000672", "6.72\\times10^{-5}"]),
-    ("18", ["18.0", "18.00"]),
+    ("18", ["18.0", "18.00", "18."]),
+    ("-5", ["\u22125"]),  # Unicode minus
+    ("p - q", ["p-q", "-q+p"]),  # letters that are variables, not a word answer
+    ("\\text{right angle}", ["Right angle"]),
 ]
 NOT_EQUIVALENT = [
     ("\\frac{1}{2}", ["\\frac{1}{3}", "2", "-0.5"]),
@@ -69,6 +72,8 @@ NOT_EQUIVALENT = [
     ("90^\\circ", ["45"]),
     ("\\sqrt{51}", ["51"]),
     ("1,600", ["16"]),
+    ("1, 234", ["1234"]),  # a list, not a thousands separator
+    ("p - q", ["q - p"]),
     ("3\\sqrt{13}", ["3\\sqrt13"]),  # LaTeX reads \sqrt13 as sqrt(1)*3
 ]
 
