@@ -1,12 +1,17 @@
 """Acceptance of the math reward on real benchmark answers (../shared/data): every gold answer, written as a model
 would, must score 1 (>= 99% of rows), and another row's answer must score 0 (>= 99%).
 
+Acceptance is measured for three spellings: the gold string in ``\\boxed{}``, after "The final answer is", and
+rewritten the way models often spell it (:func:`model_spelling`: ``a/b`` for numeric fractions, no ``\\left``/
+``\\right``/spaces/``\\!``, ``°`` for ``^\\circ``, bare words for ``\\text{...}``), which does not share code
+with the reward's own normalisation.
 Rejection pairs each row with the next row whose answer differs after normalisation (identical answers are skipped;
 a pair that is still mathematically equivalent, like "x=5" and "5", counts as a failure here and is printed).
 Run with ``-s`` to see the figures and every failure.
 """
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +22,16 @@ from lampo.rewards.math import MathReward, normalize_answer
 DATA = Path(os.environ.get("LAMPO_SHARED_DATA", Path(__file__).resolve().parents[3] / "../shared/data"))
 SETS = ["math500", "aime24", "aime25", "gsm8k_test"]
 TEMPLATES = ["Let me work it out step by step... so the answer is \\boxed{%s}.", "The final answer is $%s$."]
+
+
+def model_spelling(answer: str) -> str:
+    """The gold answer spelt as a model often writes it."""
+    s = re.sub(r"(?<!\d)(?<!\d )\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"\1/\2", answer)  # \frac{3}{4} -> 3/4
+    s = re.sub(r"(?<!\d)(?<!\d )\\[dt]?frac(\d)(\d)", r"\1/\2", s)  # \frac43 -> 4/3
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
+    s = re.sub(r"\^\\circ|\^\{\\circ\}", "°", s)
+    s = re.sub(r"\\text\{\s*(\(?[A-Za-z]+\)?)\s*\}", r"\1", s)
+    return s.replace("\\$", "$").replace(" ", "")
 
 
 def load(name: str) -> list[dict]:
@@ -42,11 +57,14 @@ def test_gold_answers_accepted_and_other_answers_rejected(name):
     reward = MathReward(timeout_s=5.0)
     t = time.monotonic()
     report = []
-    for template in TEMPLATES:
-        out = reward.score([template % g for g in golds], answers=golds, references=[""] * len(rows))
-        fails = [(r["id"], r["answer"], why) for r, v, why in zip(rows, out.values, out.reasons) if v != 1.0]
+    forms = [(f"accept {t[-22:]!r}", [t % g for g in golds]) for t in TEMPLATES]
+    forms.append(("accept model spelling", [TEMPLATES[0] % model_spelling(g) for g in golds]))
+    for what, responses in forms:
+        out = reward.score(responses, answers=golds, references=[""] * len(rows))
+        fails = [(r["id"], r["answer"], resp[-40:], why)
+                 for r, resp, v, why in zip(rows, responses, out.values, out.reasons) if v != 1.0]
         rate = 1 - len(fails) / len(rows)
-        report.append((f"accept {template[-22:]!r}", rate, len(rows) - len(fails), len(rows), fails))
+        report.append((what, rate, len(rows) - len(fails), len(rows), fails))
     pairs = [(r, o) for i, r in enumerate(rows) if (o := other_answer(rows, i)) is not None]
     out = reward.score([TEMPLATES[0] % o for _, o in pairs], answers=[r["answer"] for r, _ in pairs],
                        references=[""] * len(pairs))
