@@ -166,13 +166,12 @@ def build_gpqa(b: Benchmark, row: dict[str, Any], seed: int = 0) -> Problem:
 
 
 def _tiny_rows(limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """The tiny task's held-out split: ``limit`` problems, else as many as ``data.tiny_heldout_size`` defaults to."""
+    from pipeline.config import DataConfig
     from pipeline.tiny.task import make_split
 
-    n = limit if limit is not None else TINY_HELDOUT_SIZE
+    n = limit if limit is not None else DataConfig().tiny_heldout_size
     return [{**r, "where": f"tiny[{i}]"} for i, r in enumerate(make_split("heldout", n, seed=seed))]
-
-
-TINY_HELDOUT_SIZE = 200  # matches DataConfig.tiny_heldout_size's default; pass limit to evaluate fewer
 
 # --------------------------------------------------------------------------------------------------------------------
 # the registry
@@ -264,7 +263,9 @@ def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int 
     """Read a benchmark's rows, turn them into problems, and report every skipped row.
 
     ``limit`` keeps the first N usable problems. ``seed`` only affects multiple-choice option order and synthetic
-    rows; :func:`evaluation.run.evaluate` leaves it at 0 so that a benchmark is the same fixed set in every run. Raises :class:`BenchmarkDataError` when nothing usable can be read.
+    rows; :func:`evaluation.run.evaluate` leaves it at 0 so that a benchmark is the same fixed set in every run.
+    A SOURCE that is not an existing path and looks like ``ORG/NAME`` is read from the hub, as is ``hub:...``.
+    Raises :class:`BenchmarkDataError` when nothing usable can be read.
     """
     b, source = parse_spec(spec)
     if b.generate is not None and source is None:

@@ -11,9 +11,10 @@ Output layout under ``out_dir``::
 Resuming: run the same call again. Problems whose ``k`` responses are already in ``responses.jsonl`` or the partial
 file are not generated again; a line torn by a kill is dropped and its problem regenerated. Each batch's sampling seed
 depends only on ``seed``, the benchmark and the batch's first problem, so a run resumed after a kill between batches
-samples exactly like an uninterrupted one (given an engine that honours ``SamplingParams.seed``). Changing a generation setting (samples,
-temperature, top_p, max_new_tokens, seed, prompt style, model, data source) in an existing folder is refused rather
-than mixing responses; ``limit`` may change (problems already done are reused).
+samples exactly like an uninterrupted one (given an engine that honours ``SamplingParams.seed``). Changing a
+generation setting (samples, temperature, top_p, max_new_tokens, seed, prompt style, model, data source) in an
+existing folder is refused rather than mixing responses; ``limit`` may change (problems already done are reused, and
+``responses.jsonl`` then holds the problems of the latest call).
 """
 from __future__ import annotations
 

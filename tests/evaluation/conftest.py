@@ -10,7 +10,8 @@ from torch import Tensor
 
 from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
 
-SHARED_DATA = Path(os.environ.get("LAMPO_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data")).resolve()
+SHARED_DATA = Path(os.environ.get("LAMPO_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "../shared/data")).resolve()
 REAL_FILES = {"math500": "math500.jsonl", "aime24": "aime24.jsonl", "aime25": "aime25.jsonl",
               "gsm8k": "gsm8k_test.jsonl"}
 

@@ -104,7 +104,8 @@ def test_resume_after_a_kill_does_not_regenerate_finished_problems(char_tokenize
     assert [n for n, _ in again.calls] == [3, 1]  # only the 4 unfinished problems
     assert [s for _, s in again.calls] == [s for _, s in whole.calls[2:]]  # and sampled with the same seeds
     assert res["benchmarks"] == ref["benchmarks"]
-    assert (out / "tiny" / "responses.jsonl").read_bytes() == (tmp_path / "ref" / "tiny" / "responses.jsonl").read_bytes()
+    final = "tiny/responses.jsonl"
+    assert (out / final).read_bytes() == (tmp_path / "ref" / final).read_bytes()
     # a finished run is not generated again; a larger limit generates only the new problems
     idle = ScriptedEngine(char_tokenizer, respond)
     assert run(idle, out)["benchmarks"] == ref["benchmarks"] and idle.calls == []
