@@ -112,7 +112,9 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
     meta = {**settings, "benchmark": b.name, "source": lb.source}
     _check_meta(folder / META, meta)
     done = _load_done(folder, k)
-    todo = [(i, p) for i, p in enumerate(lb.problems) if p.id not in done]
+    # a problem whose text or gold answer changed since its responses were written (an edited file) is redone
+    todo = [(i, p) for i, p in enumerate(lb.problems)
+            if p.id not in done or (done[p.id][0]["prompt"], done[p.id][0]["gold"]) != (p.text, p.answer)]
     grader = GRADERS[b.grader]
     from tqdm.auto import tqdm
 

@@ -112,6 +112,14 @@ def test_resume_after_a_kill_does_not_regenerate_finished_problems(char_tokenize
     more = ScriptedEngine(char_tokenizer, respond)
     assert run(more, out, limit=12)["benchmarks"]["tiny"]["n_problems"] == 12
     assert [n for n, _ in more.calls] == [2]
+    # a problem whose gold answer changed on disk is generated again
+    final = out / "tiny" / "responses.jsonl"
+    recs = [json.loads(x) for x in final.read_text().splitlines()]
+    recs[0]["gold"] = "12345"
+    final.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    redo = ScriptedEngine(char_tokenizer, respond)
+    run(redo, out, limit=12)
+    assert [n for n, _ in redo.calls] == [1] and json.loads(final.read_text().splitlines()[0])["gold"] != "12345"
 
 
 def test_other_settings_in_the_same_folder_are_refused(char_tokenizer, tmp_path: Path) -> None:
