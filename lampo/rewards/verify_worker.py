@@ -116,17 +116,30 @@ class VerifyWorker:
 
 
 _SHARED: VerifyWorker | None = None
+_SHARED_PID = -1
 _SHARED_LOCK = threading.Lock()
 
 
 def shared_worker() -> VerifyWorker:
-    """The process-wide worker, started lazily on first use and stopped at interpreter exit."""
-    global _SHARED
+    """The process-wide worker, started lazily on first use and stopped at interpreter exit.
+
+    A forked process (a data-loader worker, say) gets its own: it must not talk over its parent's pipes.
+    """
+    global _SHARED, _SHARED_PID
     with _SHARED_LOCK:
-        if _SHARED is None:
-            _SHARED = VerifyWorker()
+        if _SHARED is None or _SHARED_PID != os.getpid():
+            _SHARED, _SHARED_PID = VerifyWorker(), os.getpid()
             atexit.register(_SHARED.close)
         return _SHARED
+
+
+def _after_fork_in_child() -> None:
+    global _SHARED, _SHARED_LOCK
+    _SHARED, _SHARED_LOCK = None, threading.Lock()  # the parent's lock may have been held at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ------------------------------------------------------------------------------------------------- child process
