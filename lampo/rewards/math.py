@@ -201,7 +201,7 @@ class MathReward(Reward):
     """Outcome reward: 1.0 when the response's final answer equals the gold answer, else 0.0. Ignores ``references``.
 
     ``timeout_s`` bounds the comparison of one item (seconds, float). Items that cannot be scored (no answer,
-    timeout, unparsable) score 0 and carry a reason, which is also logged at INFO level.
+    timeout, unparsable) score 0 and carry a reason (logged at DEBUG; timeouts and worker crashes at WARNING).
     """
 
     name = "math"
@@ -222,7 +222,7 @@ class MathReward(Reward):
             else:
                 ok, why = is_equivalent(pred, gold, self.timeout_s)
             if why is not None:
-                log.info("math reward item %d scored 0: %s", i, why)
+                log.debug("math reward item %d scored 0: %s", i, why)
             values.append(1.0 if ok else 0.0)
             reasons.append(why)
         return Scores(values, reasons)

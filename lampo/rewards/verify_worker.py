@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import selectors
 import subprocess
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 1.0  # how long past timeout_s the parent waits before killing the child
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine can take a while
@@ -99,20 +102,21 @@ class VerifyWorker:
             assert self._proc is not None and self._proc.stdin is not None
             try:
                 self._proc.stdin.write((json.dumps([pred, gold, timeout_s]) + "\n").encode())
+                line = self._read_line(timeout_s + KILL_GRACE_S)
             except BrokenPipeError:
-                self._kill()
-                self.restarts += 1
-                return False, "math-verify worker died before the comparison; restarted"
-            line = self._read_line(timeout_s + KILL_GRACE_S)
+                line = None
             if line is None:
                 alive = self._proc.poll() is None
                 self._kill()
                 self.restarts += 1
-                if alive:
-                    return False, f"timed out after {timeout_s:g} s (worker killed and restarted)"
-                return False, "math-verify worker crashed on this item (restarted)"
-            ok, reason = json.loads(line)
-            return bool(ok), reason
+                reason = (f"timed out after {timeout_s:g} s (worker killed and restarted)" if alive
+                          else "math-verify worker crashed on this item (restarted)")
+                ok, abnormal = False, True
+            else:
+                ok, reason, abnormal = json.loads(line)
+        if abnormal:  # a timeout or crash is worth a warning; a wrong or unparsable answer is not
+            log.warning("answer %r vs gold %r scored 0: %s", pred[:100], gold[:100], reason)
+        return bool(ok), reason
 
 
 _SHARED: VerifyWorker | None = None
@@ -202,14 +206,15 @@ def main() -> None:
                 result = check(pred, gold)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            result = (*result, False)
         except _Deadline:
-            result = (False, f"timed out after {timeout_s:g} s")
+            result = (False, f"timed out after {timeout_s:g} s", True)
         except MemoryError:
-            result = (False, "ran out of memory (the worker's address-space limit)")
+            result = (False, "ran out of memory (the worker's address-space limit)", True)
         except RecursionError:
-            result = (False, "nested too deeply to parse")
+            result = (False, "nested too deeply to parse", True)
         except Exception as e:  # noqa: BLE001 - any library failure on one item scores that item 0
-            result = (False, f"math-verify failed: {type(e).__name__}: {str(e)[:120]}")
+            result = (False, f"math-verify failed: {type(e).__name__}: {str(e)[:120]}", True)
         out.write(json.dumps(result) + "\n")
 
 

@@ -1,4 +1,5 @@
 """Math reward: answer extraction, normalisation, equivalence, the time bound, and input checks."""
+import logging
 import os
 import signal
 import threading
@@ -150,15 +151,17 @@ def test_time_bound_holds_from_another_thread():
     assert result["seconds"] < 2 * (1.0 + 1.0) + 1.0
 
 
-def test_hung_worker_is_killed_and_replaced():
+def test_hung_worker_is_killed_and_replaced(caplog):
     """A child that never answers (stopped, like one stuck in C code) is killed after timeout_s + grace."""
     w = VerifyWorker()
     try:
         assert w.verify("2", "2", 1.0) == (True, None)
         os.kill(w._proc.pid, signal.SIGSTOP)
         t = time.monotonic()
-        ok, why = w.verify("x+1", "1+x", 0.5)
+        with caplog.at_level(logging.WARNING, logger="lampo.rewards.verify_worker"):
+            ok, why = w.verify("x+1", "1+x", 0.5)
         assert not ok and "timed out" in why and time.monotonic() - t < 3.0
+        assert "'x+1'" in caplog.text and "timed out" in caplog.text  # the reason is logged
         assert w.verify("x+1", "1+x", 5.0) == (True, None)  # a fresh child takes over
         os.kill(w._proc.pid, signal.SIGKILL)
         w._proc.wait()
