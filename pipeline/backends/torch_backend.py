@@ -99,7 +99,6 @@ class TorchBackend(TrainingBackend):
                                              ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
                                              num_seqs=len(batch), **kwargs)
             loss.backward()
-            metrics["loss"] = loss.item() * num_tokens / max(1.0, mb.response_mask.sum().item())
             parts.append((mb.response_mask.sum().item(), metrics))
         return {**merge_metrics(parts), **self._optimizer_step()}
 
