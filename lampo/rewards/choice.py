@@ -19,8 +19,8 @@ def _letter(fragment: str, letters: str) -> str | None:
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     """The option letter the response picked, or None.
 
-    Order: the last ``\\boxed{...}`` that names a letter; else the last "answer is X" / "answer: X" / "option X"
-    phrase; else the last parenthesised letter "(X)"; else the whole response when it is just a letter.
+    Order: the last ``\\boxed{...}`` that names a letter; else the last "answer is X" / "answer: (X)" / "correct
+    option is X" phrase; else the last parenthesised letter "(X)"; else the whole response when it is just a letter.
     Letters are matched as capitals only, so the article "a" is never read as option A.
     """
     if not isinstance(text, str):
@@ -31,8 +31,8 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         got = _letter(m.group(1), letters)
         if got:
             return got
-    phrase = re.compile(rf"(?:answer|option|choice)\s*(?:is|:)?\s*(?:option\s*)?[:\s]*\**\(?\$?([{letters}])\b",
-                        re.IGNORECASE)
+    phrase = re.compile(rf"(?:answer|correct (?:option|choice))(?:\s+is|\s*:)?[\s:*]*(?:option\s+|choice\s+)?"
+                        rf"\(?\$?([{letters}])\b", re.IGNORECASE)
     found = [m.group(1) for m in phrase.finditer(text) if m.group(1).isupper()]
     if found:
         return found[-1]

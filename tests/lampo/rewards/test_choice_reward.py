@@ -12,6 +12,9 @@ from lampo.rewards.choice import ChoiceReward, extract_choice
     ("Answer: B", "B"),
     ("The correct answer is (D).", "D"),
     ("So the answer is option C because ...", "C"),
+    ("The correct option is B, not option D.", "B"),  # a later mention is not an answer
+    ("ANSWER: **(A)**", "A"),
+    ("the answer is a positive number, so (C)", "C"),
     ("Between (A) and (C), (C) fits.", "C"),
     ("A", "A"),
     ("(b)", None),  # lowercase is not an option letter
