@@ -107,6 +107,12 @@ _SPACES = re.compile(r"(?<!\\)\\[,;:! ]|\\quad|\\qquad|~")
 _TEXT_CMD = r"\\(?:text|textbf|textit|textrm|mbox|mathrm|operatorname)\s*"
 _WHOLE_TEXT = re.compile(rf"^{_TEXT_CMD}\{{([^{{}}]*)\}}$")
 _TRAILING_UNIT = re.compile(rf"^(.*?[0-9}}a-zA-Z)])\s*{_TEXT_CMD}\{{\s*[a-zA-Z][^{{}}]*\}}(?:\^\{{?\d\}}?)?$")
+# plain unit words after a number: "18 dollars", "18 eggs per day", "3 cm^2" (the first word must be a unit or a word
+# of 3+ letters that is not mathematics, so "3 pi" and "2 x" keep their meaning)
+_TRAILING_WORDS = re.compile(r"^(.*?[0-9}).])\s+([a-zA-Z]+)((?:\s+[a-zA-Z]+)*)(?:\s*\^\s*\{?[23]\}?)?$")
+_SHORT_UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "ft", "yd", "mi", "hr", "lb", "oz"}
+_MATH_WORDS = {"pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "mod", "and", "or", "for", "with", "where",
+               "sqrt", "inf", "infinity", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh"}
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _PLAIN_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
@@ -118,7 +124,7 @@ def normalize_answer(ans: str) -> str:
 
     Removes ``$``, ``\\$``, ``\\left``/``\\right``, LaTeX spacing (``\\!``, ``\\,``), a trailing period, degree marks,
     percent signs, a ``\\text{...}`` wrapper around the whole answer, and trailing unit text (``5.4 \\text{ cents}``,
-    ``864 \\mbox{ inches}^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac``, a Unicode minus into ``-``, and
+    ``864 \\mbox{ inches}^2``, ``18 eggs per day``, ``3 cm^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac``, a Unicode minus into ``-``, and
     ``1,234`` (or ``1,\\!234``) into ``1234`` (a comma-separated list with spaces, ``1, 234``, stays a list).
     Departure: percent is dropped, so "50\\%" and "50" are the same answer.
     """
@@ -136,6 +142,9 @@ def normalize_answer(ans: str) -> str:
     if m:
         s = m.group(1).strip()
     s = re.sub(r"\s*\\text\s*\{\s*degrees?\s*\}$|\s+degrees?$", "", s)
+    m = _TRAILING_WORDS.match(s)
+    if m and m.group(2).lower() not in _MATH_WORDS and (len(m.group(2)) >= 3 or m.group(2).lower() in _SHORT_UNITS):
+        s = m.group(1).strip()
     m = _WHOLE_TEXT.match(s)
     if m:
         s = m.group(1).strip()

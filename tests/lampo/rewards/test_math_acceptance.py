@@ -1,10 +1,10 @@
 """Acceptance of the math reward on real benchmark answers (../shared/data): every gold answer, written as a model
 would, must score 1 (>= 99% of rows), and another row's answer must score 0 (>= 99%).
 
-Acceptance is measured for three spellings: the gold string in ``\\boxed{}``, after "The final answer is", and
-rewritten the way models often spell it (:func:`model_spelling`: ``a/b`` for numeric fractions, no ``\\left``/
-``\\right``/spaces/``\\!``, ``°`` for ``^\\circ``, bare words for ``\\text{...}``), which does not share code
-with the reward's own normalisation.
+Acceptance is measured for the gold string in ``\\boxed{}``, after "The final answer is", rewritten the way models
+often spell it (:func:`model_spelling`: ``a/b`` for numeric fractions, no ``\\left``/``\\right``/spaces/``\\!``,
+``°`` for ``^\\circ``, bare words for ``\\text{...}``; it shares no code with the reward's own normalisation), and
+(MATH-500, GSM8K) as the dataset's whole reference solution.
 Rejection pairs each row with the next row whose answer differs after normalisation (identical answers are skipped;
 a pair that is still mathematically equivalent, like "x=5" and "5", counts as a failure here and is printed).
 Run with ``-s`` to see the figures and every failure.
@@ -21,6 +21,9 @@ from lampo.rewards.math import MathReward, normalize_answer
 
 DATA = Path(os.environ.get("LAMPO_SHARED_DATA", Path(__file__).resolve().parents[3] / "../shared/data"))
 SETS = ["math500", "aime24", "aime25", "gsm8k_test"]
+# sets whose reference solutions end with the answer (MATH: \\boxed{}, GSM8K: "#### n"); AIME's are community
+# write-ups that often do not
+SOLUTION_SETS = {"math500", "gsm8k_test"}
 TEMPLATES = ["Let me work it out step by step... so the answer is \\boxed{%s}.", "The final answer is $%s$."]
 
 
@@ -59,6 +62,8 @@ def test_gold_answers_accepted_and_other_answers_rejected(name):
     report = []
     forms = [(f"accept {t[-22:]!r}", [t % g for g in golds]) for t in TEMPLATES]
     forms.append(("accept model spelling", [TEMPLATES[0] % model_spelling(g) for g in golds]))
+    if name in SOLUTION_SETS:  # a whole worked solution, answer extracted from real text
+        forms.append(("accept reference solution", [r["solution"] for r in rows]))
     for what, responses in forms:
         out = reward.score(responses, answers=golds, references=[""] * len(rows))
         fails = [(r["id"], r["answer"], resp[-40:], why)

@@ -47,6 +47,8 @@ EQUIVALENT = [
     ("\\text{(C)}", ["(C)", "C", "\\text{C}"]),
     ("864 \\mbox{ inches}^2", ["864"]),
     ("5.4 \\text{ cents}", ["5.4"]),
+    ("18", ["18 dollars", "18 eggs per day", "\\$18"]),
+    ("3", ["3 cm^2", "3 \\text{cm}^2"]),
     ("\\frac{270}7\\text{ degrees}", ["\\frac{270}{7}"]),
     ("50\\%", ["50"]),
     ("1\\frac{4}{5}", ["\\frac{9}{5}", "1.8"]),
@@ -76,6 +78,7 @@ NOT_EQUIVALENT = [
     ("1,600", ["16"]),
     ("1, 234", ["1234"]),  # a list, not a thousands separator
     ("p - q", ["q - p"]),
+    ("3", ["3 pi", "3 x", "3 \\pi", "3 sin"]),  # trailing words that are mathematics are kept
     ("3\\sqrt{13}", ["3\\sqrt13"]),  # LaTeX reads \sqrt13 as sqrt(1)*3
 ]
 
