@@ -97,3 +97,18 @@ def test_semantic_density_bad_options(tmp_path):
         SemanticDensityReward(model_path=tmp_path / "nope")
     with pytest.raises(ValueError, match="threshold"):
         SemanticDensityReward(threshold=1.5)
+
+
+def test_rouge_l_is_fast_on_long_texts():
+    """128 responses of 4,000 tokens against a 1,000-token reference (rouge-score's own table: about 1 s each)."""
+    import time
+
+    rng = random.Random(0)
+    resp = " ".join(rng.choice(WORDS) for _ in range(4000))
+    ref = " ".join(rng.choice(WORDS) for _ in range(1000))
+    t = time.monotonic()
+    values = call(RougeLReward(), [resp] * 128, [ref] * 128)
+    elapsed = time.monotonic() - t
+    print(f"ROUGE-L, 128 x (4000 vs 1000 tokens): {elapsed:.2f} s")
+    assert len(set(values)) == 1 and 0 < values[0] < 1
+    assert elapsed < 10.0
