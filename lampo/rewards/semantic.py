@@ -13,7 +13,7 @@ F1 = 2PR / (P + R). The model card does not fix the matching rule; we default to
 graded signal (a hard threshold makes the dense reward a step function of small paraphrases) and equals 1 for identical
 texts. Steps are lines, then sentences (split after ``.``/``!``/``?`` + whitespace); steps with no letter or digit are
 dropped; both texts are cut before their final answer (:func:`reasoning_part`). The score does not depend on the order
-of the steps. Empty reference or empty reasoning scores 0.
+of the steps. Empty reference or empty reasoning scores 0 (with no failure reason).
 
 All distinct steps of one batch are embedded in one ``encode`` call (``batch_size`` sentences per forward pass); a
 reference shared by a prompt's G responses is embedded once.
@@ -108,17 +108,15 @@ class SemanticDensityReward(Reward):
         if index:
             emb = self.model.encode(list(index), batch_size=self.batch_size, convert_to_tensor=True,
                                     normalize_embeddings=True, show_progress_bar=False).float().cpu()  # (U, d)
-        values, reasons = [], []
+        values = []
         for steps, ref in zip(resp_steps, references):
             rsteps = ref_steps[ref]
             if not rsteps or not steps:
-                values.append(0.0)
-                reasons.append("empty reference" if not rsteps else "empty reasoning")
+                values.append(0.0)  # a legitimate 0, not a scoring failure
                 continue
             a = emb[torch.tensor([index[s] for s in steps])]  # (n, d)
             b = emb[torch.tensor([index[s] for s in rsteps])]  # (m, d)
             sim = a @ b.T  # (n, m) cosine similarities
             p, r = self._side(sim, 1), self._side(sim, 0)
             values.append(0.0 if p + r == 0 else min(1.0, 2 * p * r / (p + r)))
-            reasons.append(None)
-        return Scores(values, reasons)
+        return Scores(values, [None] * len(values))

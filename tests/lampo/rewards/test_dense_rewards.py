@@ -48,6 +48,7 @@ def test_rouge_l_properties():
     assert identical == 1.0
     assert unrelated < 0.2
     assert empty_ref == 0.0 and only_answer == 0.0
+    assert r.score([REF], answers=[""], references=[""]).reasons == [None]
     assert call(r, [REF.replace("\\boxed{3}", "\\boxed{4}")], [REF]) == [1.0]  # the final answer is not counted
 
 
