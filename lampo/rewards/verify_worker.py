@@ -194,6 +194,7 @@ def main() -> None:
         raise _Deadline
 
     signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     if os.name == "posix" and os.path.exists("/proc/self/statm"):
         _limit_memory(int(os.environ.get("LAMPO_VERIFY_MEMORY_MB", "2048")))
     check("\\frac{1}{2}", "0.5")  # builds the LaTeX grammar now, so the first item's time bound is honest
