@@ -22,7 +22,8 @@ from pipeline.stages import stage_fn
 from pipeline.state import RunDir, atomic_write_text
 
 # fields that may change between a run and its resumption without changing what it computes
-RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "eval.")
+RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "eval.", "rl.eval_every", "rl.log_samples",
+               "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
 
 
 def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:

@@ -135,6 +135,8 @@ def run(ctx: Context) -> None:
         m.update(batch_stats(batch, m, rl.reward.outcome))
         if dist.is_main():
             log_iteration(ctx, batch, m, it + 1)
+        if dist.is_main() and rl.eval_every and (it + 1) % rl.eval_every == 0:
+            evaluate_during_training(ctx, engine, it + 1)
         if (it + 1) % rl.checkpoint_every == 0 or it + 1 == rl.iterations:
             ctx.save_checkpoint(backend, st, it + 1)
     out = ctx.export(backend, "rl/final")
@@ -143,6 +145,15 @@ def run(ctx: Context) -> None:
         rd.save_state(st)
         engine.shutdown()
     ctx.log.print(f"[rl] done: {st.output}")
+
+
+def evaluate_during_training(ctx: Context, engine: RolloutEngine, step: int) -> None:
+    """Evaluate the current policy (the rollout engine holds its weights) on ``eval.benchmarks``."""
+    from evaluation.report import scalars
+    from pipeline.stages.evaluate import evaluate_engine
+
+    res = evaluate_engine(ctx, engine, ctx.rd.path("eval", f"rl_iter_{step:05d}"), f"rl iteration {step}")
+    ctx.log.scalars("rl_eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()}, step)
 
 
 def sync_weights(backend: TrainingBackend, engine: RolloutEngine | None) -> None:
