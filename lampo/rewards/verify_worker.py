@@ -188,7 +188,8 @@ def main() -> None:
         p = parsed(pred)
         if not p or all(isinstance(x, str) for x in p):
             return False, f"answer {pred[:80]!r} did not parse as mathematics"
-        return bool(verify(g, p, timeout_seconds=None)), None
+        # allow_set_relation_comp: "x > 2" answers the interval "(2, \infty)" (math-verify only allows the reverse)
+        return bool(verify(g, p, timeout_seconds=None, allow_set_relation_comp=True)), None
 
     def on_alarm(signum, frame):
         raise _Deadline
