@@ -58,15 +58,15 @@ class Reward(ABC):
 REWARDS: Registry[type[Reward]] = Registry("reward")  # name -> reward class; filled by the modules of this package
 
 
-# Where the final answer starts: the last \boxed / \fbox, else the last "answer is" phrase.
-_FINAL_ANSWER = re.compile(r"\\(?:boxed|fbox)\b|(?:final answer|the answer) (?:is|:)", re.IGNORECASE)
+# Where the final answer starts: the last \boxed / \fbox, "answer is" phrase or GSM8K-style "#### n".
+_FINAL_ANSWER = re.compile(r"\\(?:boxed|fbox)\b|(?:final answer|the answer) (?:is|:)|####", re.IGNORECASE)
 # An unfinished lead-in left before the answer: "So the answer is", "Therefore, the final answer is: $".
 _LEAD_IN = re.compile(r"[^.!?\n]*\banswer\b[^.!?\n]*$", re.IGNORECASE)
 
 
 def reasoning_part(text: str) -> str:
-    """The text before the final answer (the last ``\\boxed``/``\\fbox`` or "the answer is"), stripped, without the
-    unfinished sentence that leads into the answer ("So the answer is").
+    """The text before the final answer (the last ``\\boxed``/``\\fbox``, "the answer is" or "####"), stripped,
+    without the unfinished sentence that leads into the answer ("So the answer is").
 
     Dense rewards compare the reasoning with the reference solution; cutting the answer off keeps a dense reward
     from re-counting the outcome. A response with no recognisable final answer is all reasoning.

@@ -55,6 +55,7 @@ def test_rouge_l_properties():
 def test_reasoning_part_cuts_the_answer_and_its_lead_in():
     assert reasoning_part(REF) == REF[: REF.index(" So the answer")]
     assert reasoning_part("no final answer here") == "no final answer here"
+    assert reasoning_part("She sells 9 eggs.\n#### 18") == "She sells 9 eggs."
     steps = split_steps("First step. Second step!\nx = 3.5 here\n$$\n")
     assert steps == ["First step.", "Second step!", "x = 3.5 here"]
 
