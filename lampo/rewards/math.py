@@ -124,8 +124,9 @@ def normalize_answer(ans: str) -> str:
 
     Removes ``$``, ``\\$``, ``\\left``/``\\right``, LaTeX spacing (``\\!``, ``\\,``), a trailing period, degree marks,
     percent signs, a ``\\text{...}`` wrapper around the whole answer, and trailing unit text (``5.4 \\text{ cents}``,
-    ``864 \\mbox{ inches}^2``, ``18 eggs per day``, ``3 cm^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac``, a Unicode minus into ``-``, and
-    ``1,234`` (or ``1,\\!234``) into ``1234`` (a comma-separated list with spaces, ``1, 234``, stays a list).
+    ``864 \\mbox{ inches}^2``, ``18 eggs per day``, ``3 cm^2``); turns ``\\dfrac``/``\\tfrac`` into ``\\frac``, a
+    Unicode minus into ``-``, and ``1,234`` (or ``1,\\!234``) into ``1234`` (a comma-separated list with spaces,
+    ``1, 234``, stays a list).
     Departure: percent is dropped, so "50\\%" and "50" are the same answer.
     """
     s = ans.strip().replace("\u2212", "-")
