@@ -6,7 +6,8 @@ Usage (from the repository root)::
 
 Rows are shuffled (groups are not contiguous), rewards are a 0/1 outcome plus 0.1 x a dense score in [0, 1], and
 sequence scores are mean log-probs in [-3, 0]. Each estimator runs ``--warmup`` times, then ``--repeats`` timed
-runs; the table gives the median and the min, and the median's ratio to GRPO's.
+rounds run every estimator once each (round-robin, so load from other processes falls on all alike); the table gives
+the median and the min, and the median's ratio to GRPO's.
 """
 from __future__ import annotations
 
@@ -47,16 +48,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    timings: dict[str, list[float]] = {}
-    for name, fn in ADVANTAGE_ESTIMATORS.items():
+    for fn in ADVANTAGE_ESTIMATORS.values():
         for _ in range(args.warmup):
             fn(rewards, group_index, seq_logprob=seq_logprob)
-        runs = []
-        for _ in range(args.repeats):
+    # round-robin: each repeat runs every estimator once, so a noisy neighbour hits all of them alike
+    timings: dict[str, list[float]] = {name: [] for name in ADVANTAGE_ESTIMATORS}
+    for _ in range(args.repeats):
+        for name, fn in ADVANTAGE_ESTIMATORS.items():
             t0 = time.perf_counter()
             fn(rewards, group_index, seq_logprob=seq_logprob)
-            runs.append(time.perf_counter() - t0)
-        timings[name] = runs
+            timings[name].append(time.perf_counter() - t0)
 
     base = statistics.median(timings["grpo"]) if "grpo" in timings else None
     print(f"{'estimator':<10} {'median ms':>10} {'min ms':>8} {'x grpo':>7}")

@@ -37,9 +37,11 @@ class AdvantageFn(Protocol):
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
 
-# Most (group, i, j) pair entries materialised at once by the pairwise code: 2**18 float32 = 1 MiB per tensor.
-# Measured on the 2-core CPU box at 512 groups x 64: 2**17..2**18 is fastest (about 4 ms); one 2**24 block is slower
-# and erratic (5 to 15 ms) because fresh multi-MiB allocations page-fault on every call; 2**15 pays Python overhead.
+# Most (group, i, j) pair entries materialised at once by the pairwise code: 2**18 float32 = 1 MiB for each of the
+# three work buffers, which every chunk reuses. Measured on the 2-core CPU box at 512 groups x 64: with reused buffers
+# budgets from 2**17 to 2**24 all take about 4-5 ms, so the smaller memory wins; below 2**16 per-chunk Python
+# overhead shows (2**15: about 11 ms). Without buffer reuse, fresh multi-MiB tensors page-faulted on every call and
+# the estimator took 10-20 ms whenever other work had run in between.
 _PAIR_BUDGET = 1 << 18
 
 
@@ -143,14 +145,14 @@ def _padded_groups(inv: Tensor, counts: Tensor, budget: int = _PAIR_BUDGET) -> I
         a = b
 
 
-def _pair_weights(dr: Tensor, ds: Tensor, temperature: float) -> Tensor:
+def _pair_weights(dr: Tensor, ds: Tensor, temperature: float, sign_buffer: Tensor | None = None) -> Tensor:
     """LamPO's confidence-aware pair weight w_ij = sigmoid(-sign(r_i - r_j) * (s_i - s_j) / tau), elementwise.
 
     ``dr`` = r_i - r_j and ``ds`` = s_i - s_j, any matching shape. Symmetric: w(dr, ds) == w(-dr, -ds).
-    Computed in place: ``ds`` is overwritten and returned (the pairwise tensors are large; at 512 x 64 avoiding
-    fresh allocations makes the estimator several times faster on CPU).
+    Computed in place: ``ds`` is overwritten and returned, and sign(dr) goes to ``sign_buffer`` when given (the
+    pairwise tensors are large; on CPU, fresh multi-MiB allocations cost more than the arithmetic).
     """
-    return ds.mul_(torch.sign(dr)).mul_(-1.0 / temperature).sigmoid_()
+    return ds.mul_(torch.sign(dr, out=sign_buffer)).mul_(-1.0 / temperature).sigmoid_()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -230,12 +232,18 @@ def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) 
         raise ValueError("the lampo estimator needs seq_logprob (N,), the behaviour policy's sequence scores s_i; "
                          "compute them with lampo.advantages.sequence_scores(old_logprobs, response_mask)")
     out = torch.zeros_like(r)
-    for idx, valid in _padded_groups(inv, counts):
+    chunks = list(_padded_groups(inv, counts))
+    numel = max((idx.shape[0] * idx.shape[1] ** 2 for idx, _ in chunks), default=0)
+    work = r.new_empty(3, numel)  # pair buffers reused by every chunk: fresh big allocations page-fault on CPU
+    for idx, valid in chunks:
+        pc, gc = idx.shape
+        dr, ds, sign = (buf[: pc * gc * gc].view(pc, gc, gc) for buf in work)
         R, S = r[idx], s[idx]  # (Pc, Gc)
-        dr = R[:, :, None] - R[:, None, :]  # (Pc, Gc, Gc): r_i - r_j
+        torch.sub(R[:, :, None], R[:, None, :], out=dr)  # (Pc, Gc, Gc): r_i - r_j
         if not valid.all():
             dr.mul_(valid[:, None, :])  # 0 where j is padding, so padding adds nothing
-        w = _pair_weights(dr, S[:, :, None] - S[:, None, :], tau)  # (Pc, Gc, Gc)
+        torch.sub(S[:, :, None], S[:, None, :], out=ds)  # s_i - s_j
+        w = _pair_weights(dr, ds, tau, sign_buffer=sign)  # (Pc, Gc, Gc)
         size = valid.sum(1, keepdim=True).to(r.dtype)  # (Pc, 1), >= 2
         adv = torch.einsum("pij,pij->pi", dr, w) * (2.0 / (size - 1))  # (Pc, Gc): sum_j (r_i - r_j) w_ij
         out[idx[valid]] = adv[valid]

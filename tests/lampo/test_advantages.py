@@ -267,7 +267,7 @@ def test_pair_weight_symmetric_and_bounded(dr, ds, tau):
     w_ji = adv_mod._pair_weights(torch.tensor([-dr], dtype=torch.float64), torch.tensor([-ds], dtype=torch.float64),
                                  tau)
     assert torch.equal(w_ij, w_ji) and 0 <= float(w_ij) <= 1
-    if dr != 0 and abs(ds) / tau > 1e-6:  # the policy preferring the better response by a margin lowers the weight below 1/2
+    if dr != 0 and abs(ds) / tau > 1e-6:  # preferring the better response by a margin lowers w below 1/2
         prefers_better = (dr > 0) == (ds > 0) and ds != 0
         assert (float(w_ij) < 0.5) == prefers_better
 
