@@ -3,12 +3,15 @@
     reward = MathReward(timeout_s=5.0)
     reward(["... so the answer is \\boxed{\\frac{1}{2}}"], answers=["0.5"], references=[""])   # [1.0]
 
-Pipeline for one item: :func:`extract_answer` (last ``\\boxed``/``\\fbox``, else "the answer is X", else the last
-number)
--> :func:`normalize_answer` on prediction and gold (``\\dfrac``, ``\\left``, thin spaces, thousands separators, degrees,
-percent, trailing unit text, ``\\text{...}`` answers) -> a cheap exact path (equal strings, two plain numbers compared
-as exact fractions, two text answers compared case-insensitively) -> math-verify (``parse`` + ``verify``) in a separate
-worker process with a time bound (:mod:`lampo.rewards.verify_worker`).
+Pipeline for one item:
+
+1. :func:`extract_answer`: the last ``\\boxed``/``\\fbox``, else "the answer is X", else the last number;
+2. :func:`normalize_answer` on prediction and gold (``\\dfrac``, ``\\left``, thin spaces, thousands separators,
+   degrees, percent, trailing units, ``\\text{...}`` answers);
+3. a cheap exact path: equal strings, two plain numbers compared as exact fractions, a word answer ("Evelyn", "(C)")
+   compared case-insensitively;
+4. otherwise math-verify (``parse`` + ``verify``) in a separate worker process with a time bound
+   (:mod:`lampo.rewards.verify_worker`).
 
 Why a worker process: math-verify bounds its own time with ``signal.alarm``, which only works in the main thread and
 cannot interrupt a long C-level computation (a big-integer power); the worker runs math-verify in its own main thread
