@@ -369,9 +369,6 @@ def validate(cfg: Config) -> Config:
     _check(algo.clip_low < 1, f"rl.algorithm.clip_low={algo.clip_low} must be below 1 (ratio lower bound 1-clip_low)")
     _check(algo.dual_clip is None or algo.dual_clip > 1, f"rl.algorithm.dual_clip={algo.dual_clip} must be > 1")
     _check(algo.kl_coef >= 0, f"rl.algorithm.kl_coef={algo.kl_coef} must be >= 0")
-    _one_of(algo.kl_estimator, ("k1", "k2", "k3"), "rl.algorithm.kl_estimator")
-    _one_of(algo.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-sum-constant"),
-            "rl.algorithm.loss_agg")
     from pipeline.stages import STAGES
 
     for st in cfg.run.stages:
@@ -384,12 +381,13 @@ def validate(cfg: Config) -> Config:
     _one_of(cfg.backend.zero_stage, (0, 1, 2, 3), "backend.zero_stage")
     # names are checked against the live registries, so a new estimator/loss/backend needs no edit here
     from lampo.advantages import ADVANTAGE_ESTIMATORS
-    from lampo.losses import POLICY_LOSSES
+    from lampo.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from lampo.rewards import REWARDS
     from pipeline.backends import BACKENDS
     from pipeline.rollout import ENGINES
 
     for path, reg in (("rl.algorithm.advantage", ADVANTAGE_ESTIMATORS), ("rl.algorithm.policy_loss", POLICY_LOSSES),
+                      ("rl.algorithm.loss_agg", LOSS_AGGREGATIONS), ("rl.algorithm.kl_estimator", KL_ESTIMATORS),
                       ("rl.reward.outcome", REWARDS), ("backend.name", BACKENDS), ("rollout.engine", ENGINES)):
         _one_of(get_path(cfg, path), sorted(reg), path)
     if cfg.rl.reward.dense is not None:

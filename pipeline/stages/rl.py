@@ -74,7 +74,7 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
                                                scale_normalize=algo.scale_normalize)
     batch.set_advantages(adv)
     tb.advantages = adv
-    m = {"adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_abs_max": adv.abs().max().item(),
+    m = {"adv_mean": adv.mean().item(), "adv_std": adv.std(correction=0).item(), "adv_abs_max": adv.abs().max().item(),
          **{f"pairwise_{k}": v for k, v in pairwise_weight_stats(rewards, groups, s, algo.lampo_temperature).items()}}
     keep = ~uniform_groups(rewards, groups)
     m["uniform_group_frac"] = 1.0 - keep.float().mean().item()
@@ -169,7 +169,7 @@ def sync_weights(backend: TrainingBackend, engine: RolloutEngine | None) -> None
 def batch_stats(batch: RolloutBatch, m: dict[str, float], outcome: str) -> dict[str, float]:
     rewards = batch.rewards
     lengths = torch.tensor([len(s.response_ids) for s in batch.samples], dtype=torch.float32)
-    out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+    out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
            "accuracy": sum(s.reward_components[outcome] for s in batch.samples) / len(batch),
            "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
            "finished_frac": sum(s.finished for s in batch.samples) / len(batch)}
