@@ -56,7 +56,8 @@ def score(reward_fn, batch: RolloutBatch) -> dict[str, float]:
         s.reward = res.total[i]
         s.reward_components = {k: v[i] for k, v in res.components.items()}
     out = {f"reward_{k}": sum(v) / len(v) for k, v in res.components.items()}
-    out["scoring_failures"] = float(sum(r is not None for r in res.reasons))
+    # responses a reward could not score (no final answer, a timeout, ...): they got 0 for that component
+    out["reward_unscored_frac"] = sum(r is not None for r in res.reasons) / len(res.reasons)
     return out
 
 
