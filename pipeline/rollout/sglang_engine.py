@@ -14,8 +14,9 @@ Two ways to reach SGLang, behind the same methods:
 Log-probs: our :class:`Generation` contract is the log-prob of each sampled token under the model *before*
 temperature. SGLang reports ``log_softmax(logits / temperature)`` unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, so
 we set it before starting the in-process engine (for a server started elsewhere, start it with that variable set; at
-temperature 1 the two agree). Seeds: ``SamplingParams.seed`` becomes each request's ``sampling_seed`` (seed + request
-index); SGLang honours it only with ``--enable-deterministic-inference``.
+temperature 1 the two agree). All requests of a call are submitted at once and SGLang batches them continuously
+(``rollout.batch_size`` is the HF engine's knob and is not used here). Seeds: ``SamplingParams.seed`` becomes each
+request's ``sampling_seed`` (seed + request index); SGLang honours it only with ``--enable-deterministic-inference``.
 
 SGLang is an optional dependency, imported only here, and cannot be installed on the CPU machines this project is
 tested on: the conversion of SGLang's output records and the request building are unit-tested with fake engines; the
