@@ -1,4 +1,7 @@
-"""Save/resume, HF export and layout checks of the megatron backend (2 gloo processes, TP=2)."""
+"""Save/resume, HF export and a refused layout change (2 gloo processes).
+
+Resume runs with DP=2 and the ZeRO-1 optimizer (its partitioned state is consolidated on save); the refusal is
+checked by loading that DP=2 checkpoint into a PP=2 run."""
 from __future__ import annotations
 
 import pytest
@@ -16,14 +19,14 @@ def _worker(ckpt: str, root: str) -> dict:
 
     batch = make_batch()
     kw = dict(lr=1e-3, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    a = MegatronBackend(make_cfg(2, 1), ckpt, **kw)
+    a = MegatronBackend(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)
     a.sft_step(batch)
     a.save(f"{root}/step1")
     after_two = a.sft_step(batch)
     w_a = {k: v.clone() for k, v in a.named_full_tensors()}
     a.export_hf(f"{root}/hf")
     del a
-    b = MegatronBackend(make_cfg(2, 1), ckpt, **kw)  # fresh weights from the original checkpoint
+    b = MegatronBackend(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)  # fresh weights
     b.load(f"{root}/step1")
     resumed = b.sft_step(batch)
     w_b = {k: v.clone() for k, v in b.named_full_tensors()}
@@ -60,7 +63,7 @@ def test_other_ranks_stream_nothing(out):
 
 def test_changed_layout_is_refused_with_both_layouts(out):
     msg = out[0][0]["refused"]
-    assert "tensor_parallel=2, pipeline_parallel=1" in msg and "tensor_parallel=1, pipeline_parallel=2" in msg
+    assert "tensor_parallel=1, pipeline_parallel=1" in msg and "tensor_parallel=1, pipeline_parallel=2" in msg
 
 
 def test_export_loads_in_transformers_with_the_trained_weights(out):

@@ -6,7 +6,9 @@ so process start-up and imports are paid once; each test then asserts on its par
 * logits of the megatron model equal the HF model's (fp32, max abs error < 1e-4), for Qwen2 (tied), Qwen3 (QK-norm,
   tied) and Llama 3 (scaled RoPE, untied);
 * one SFT step and then one LamPO RL step (PPO clip, KL to the reference, entropy bonus) give the same loss, gradient
-  norm and updated weights (gathered back to HF names) as the single-process torch backend.
+  norm and updated weights (gathered back to HF names) as the single-process torch backend - for DP=2, TP=2, PP=2
+  (tied embeddings split across stages), ZeRO-1 over DP=2, and TP=2 with activation recomputation;
+* bf16 parameters (fp32 master weights) with PP=2 stay within bf16 precision of fp32.
 """
 from __future__ import annotations
 
@@ -16,15 +18,24 @@ import torch
 from tests.megatron.harness import make_checkpoint, run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) in a world of 2; (1, 1) runs with data_parallel=2
+#: backend runs compared with the torch backend: name -> (tp, pp, backend options)
+VARIANTS = {
+    "dp2": (1, 1, {}), "tp2": (2, 1, {}), "pp2": (1, 2, {}),
+    "dp2_zero1": (1, 1, {"distributed_optimizer": True}),
+    "tp2_recompute": (2, 1, {"recompute_activations": True}),
+}
+EXACT = sorted(VARIANTS)  # fp32: same result within fp32 tolerance
 FAMILIES = {"qwen2": True, "qwen3": True, "llama": False}  # family -> tied embeddings
 LR = 1e-3
 
 
-def make_cfg(tp: int = 1, pp: int = 1, name: str = "megatron"):
+def make_cfg(tp: int = 1, pp: int = 1, name: str = "megatron", **options):
     from pipeline.config import Config
 
     cfg = Config()
     cfg.backend.name, cfg.backend.tensor_parallel, cfg.backend.pipeline_parallel = name, tp, pp
+    for k, v in options.items():
+        setattr(cfg.backend, k, v)
     cfg.backend.micro_batch_size = 2  # the 5-sequence batch runs as 2 + 2 + 1 (or 2 + 1 per DP rank)
     cfg.backend.grad_clip = 1.0
     algo = cfg.rl.algorithm
@@ -104,11 +115,16 @@ def _worker(ckpts: dict[str, str], ids: torch.Tensor, batch) -> dict:
     for tp, pp in LAYOUTS:
         for family, ckpt in ckpts.items():
             results["logits", family, tp, pp] = _logits(ckpt, ids, tp, pp)
-        backend = MegatronBackend(make_cfg(tp, pp), ckpts["qwen2"], lr=LR, total_steps=10, warmup_steps=0,
-                                  min_lr_ratio=0.1, reference=True)
-        results["steps", tp, pp] = steps(backend, batch)
+        ps.destroy_model_parallel()
+    for name, (tp, pp, options) in VARIANTS.items():
+        backend = MegatronBackend(make_cfg(tp, pp, **options), ckpts["qwen2"], lr=LR, total_steps=10,
+                                  warmup_steps=0, min_lr_ratio=0.1, reference=True)
+        results["steps", name] = steps(backend, batch)
         del backend
         ps.destroy_model_parallel()
+    bf16 = MegatronBackend(make_cfg(1, 2, bf16=True), ckpts["qwen2"], lr=LR, total_steps=10)
+    results["bf16_logprobs"] = bf16.token_logprobs(batch)
+    results["bf16_sft"] = bf16.sft_step(batch)
     return results if dist.get_rank() == 0 else {}
 
 
@@ -149,17 +165,17 @@ def test_logits_match_hf(results, ckpts, ids, family, tp, pp):
     assert err < 1e-4, f"{family} tp={tp} pp={pp}: max abs logit error {err}"
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_logprobs_match_torch_backend(results, torch_steps, tp, pp):
-    got, want = results["steps", tp, pp]["logprobs"], torch_steps["logprobs"]
+@pytest.mark.parametrize("variant", EXACT)
+def test_logprobs_match_torch_backend(results, torch_steps, variant):
+    got, want = results["steps", variant]["logprobs"], torch_steps["logprobs"]
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sft", "rl"])
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_step_matches_torch_backend(results, torch_steps, kind, tp, pp):
-    got, want = results["steps", tp, pp], torch_steps
+@pytest.mark.parametrize("variant", EXACT)
+def test_step_matches_torch_backend(results, torch_steps, kind, variant):
+    got, want = results["steps", variant], torch_steps
     for key in ("loss", "grad_norm", "lr"):
         assert got[kind][key] == pytest.approx(want[kind][key], rel=1e-5, abs=1e-6), key
     if kind == "rl":
@@ -171,3 +187,20 @@ def test_step_matches_torch_backend(results, torch_steps, kind, tp, pp):
     assert w_got.keys() == w_want.keys()
     for k in w_want:
         torch.testing.assert_close(w_got[k], w_want[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_the_steps_change_the_weights(torch_steps, ckpts):
+    """Guards the parity tests against comparing two untouched copies of the initial weights."""
+    from pipeline.backends.megatron.weights import read_hf_state
+
+    init = read_hf_state(ckpts["qwen2"])
+    delta = max((torch_steps["w_sft"][k] - v).abs().max().item() for k, v in init.items())
+    assert delta > 10 * 1e-5  # AdamW's first step moves weights by about lr = 1e-3
+
+
+def test_bf16_runs_close_to_fp32(results, torch_steps):
+    """bf16 parameters and pipeline activations (PP=2), fp32 master weights: same numbers to bf16 precision."""
+    mask = make_batch().attention_mask.bool()
+    err = (results["bf16_logprobs"] - torch_steps["logprobs"])[mask].abs().max().item()
+    assert err < 0.1
+    assert results["bf16_sft"]["loss"] == pytest.approx(torch_steps["sft"]["loss"], rel=2e-2)

@@ -13,9 +13,14 @@ each parameter once (tensor-parallel duplicates such as norms only on TP rank 0,
 stage), then clips like ``torch.nn.utils.clip_grad_norm_``. The optimizer is ``torch.optim.AdamW`` on each rank's
 shards (element-wise, so sharded AdamW equals unsharded AdamW) with the torch backend's warm-up + cosine schedule.
 
-Tested on CPU over gloo (fp32, TP=2 / PP=2). GPU-only options: NCCL and bf16 params are real code paths here but
-untested in this repository; ``sequence_parallel`` and ``distributed_optimizer`` are refused by
-:meth:`validate_config` with the reason (see there).
+Options (``BackendConfig``): ``bf16`` makes the model's parameters and pipeline activations bf16, with fp32 master
+weights for the optimizer (:mod:`.optim`); ``recompute_activations`` is megatron-core's full uniform recomputation;
+``distributed_optimizer`` partitions the AdamW state over data-parallel ranks (ZeRO-1, torch's
+``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``); ``colocate_rollout`` moves the
+optimizer state and reference model to the host around rollouts (CUDA only). All but the last, and TP/PP/DP, are
+tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend, untested here (no
+GPU).
+``sequence_parallel`` is refused by :meth:`validate_config` (see there).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from pipeline.backends.common import merge_metrics, policy_kwargs, rng_state, se
 from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron.model import Arch, Precision, arch_from_hf, build_model
+from pipeline.backends.megatron.optim import MasterWeights
 from pipeline.backends.megatron.parallel import Layout, check_layout, init_parallel, layout_for_world, \
     world_size_from_env
 from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
@@ -65,26 +71,41 @@ class MegatronBackend(TrainingBackend):
         self.dp_rank = ps.get_data_parallel_rank()
         self.is_main = dist.get_rank() == 0
 
-        dtype = torch.bfloat16 if (b.bf16 and self.use_cuda) else torch.float32
-        self.precision = Precision(params_dtype=dtype, recompute_activations=b.recompute_activations)
+        self.precision = Precision(params_dtype=torch.bfloat16 if b.bf16 else torch.float32,
+                                   recompute_activations=b.recompute_activations)
         hf_state = weights.read_hf_state(model_path)
-        self.model = self._build(hf_state)
+        self.model, shard = self._build(hf_state)
         self.model.train()
-        self.reference = self._build(hf_state).eval().requires_grad_(False) if reference else None
-        del hf_state
+        self.master = MasterWeights(self.model, shard)  # the parameters themselves in fp32
+        self.reference = self._build(hf_state)[0].eval().requires_grad_(False) if reference else None
+        del hf_state, shard
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        self.optimizer = self._make_optimizer(lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
         self.step = 0
 
-    def _build(self, hf_state: dict[str, Tensor]) -> torch.nn.Module:
+    def _make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned
+        over the data-parallel group (ZeRO-1, ``torch.distributed.optim.ZeroRedundancyOptimizer``)."""
+        from megatron.core import parallel_state as ps
+
+        params = self.master.params()
+        kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        if self.cfg.backend.distributed_optimizer and self.layout.dp > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                           process_group=ps.get_data_parallel_group(), **kw)
+        return torch.optim.AdamW(params, **kw)
+
+    def _build(self, hf_state: dict[str, Tensor]) -> tuple[torch.nn.Module, dict[str, Tensor]]:
         model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision,
                             on_cpu=not self.use_cuda)
-        weights.load_into(model, hf_state, self.arch, self.layout.tp, self.layout.pp, self.tp_rank, self.pp_rank)
-        return model.to(self.device)
+        shard = weights.load_into(model, hf_state, self.arch, self.layout.tp, self.layout.pp, self.tp_rank,
+                                  self.pp_rank)
+        return model.to(self.device), shard
 
     # --- config-time checks -------------------------------------------------------------------------------------------
     @classmethod
@@ -105,9 +126,6 @@ class MegatronBackend(TrainingBackend):
             raise ConfigError("backend.sequence_parallel=true needs Transformer Engine layer specs (megatron-core's "
                               "torch RMSNorm refuses sequence parallelism), which this backend does not map yet; "
                               "set backend.sequence_parallel=false")
-        if b.distributed_optimizer:
-            raise ConfigError("backend.distributed_optimizer=true is not wired into the megatron backend yet "
-                              "(it trains with per-shard AdamW); set backend.distributed_optimizer=false")
 
     # --- batches -> this rank's micro-batches -------------------------------------------------------------------------
     def _dp_share(self, batch: TokenBatch) -> TokenBatch:
@@ -212,15 +230,18 @@ class MegatronBackend(TrainingBackend):
         from pipeline.backends.megatron.grads import clip_grad_norm, sync_grads
 
         sync_grads(self.model, self.layout)
-        grad_norm = clip_grad_norm(self.model, self.cfg.backend.grad_clip)
+        self.master.grads_to_master()
+        grad_norm = clip_grad_norm(self.master.named(), self.cfg.backend.grad_clip,
+                                   tied_across_stages=self.model.tied_across_stages)
         if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.master.zero_grad()
             raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {self.step}; lower the learning "
                                      "rate or check the data (no update was applied)")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.master.master_to_model()
+        self.master.zero_grad()
         self.step += 1
         return {"grad_norm": float(grad_norm), "lr": lr}
 
@@ -240,8 +261,10 @@ class MegatronBackend(TrainingBackend):
             path.mkdir(parents=True, exist_ok=True)
             (path / "layout.json").write_text(json.dumps({"tp": self.layout.tp, "pp": self.layout.pp}))
         dist.barrier()
+        if hasattr(self.optimizer, "consolidate_state_dict"):  # ZeRO: collect the partitions on DP rank 0
+            self.optimizer.consolidate_state_dict(to=0)
         if self.dp_rank == 0:
-            torch.save({"model": _params(self.model), "optimizer": self.optimizer.state_dict(),
+            torch.save({"model": self.master.state(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "step": self.step}, self._shard_file(path))
         rng = {"rng": rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
         torch.save(rng, path / f"rng_rank{dist.get_rank()}.pt")
@@ -260,9 +283,7 @@ class MegatronBackend(TrainingBackend):
                              f"{self.layout.pp}; resume with the saved layout (changing the layout mid-stage would "
                              "need resharding the optimizer state, which this backend does not do)")
         state = torch.load(self._shard_file(path), map_location=self.device, weights_only=False)
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(state["model"][name])
+        self.master.load(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -311,10 +332,6 @@ class MegatronBackend(TrainingBackend):
         _move_optimizer_state(self.optimizer, self.device)
         if self.reference is not None:
             self.reference.to(self.device)
-
-
-def _params(model: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in model.named_parameters()}
 
 
 def _move_optimizer_state(opt: torch.optim.Optimizer, device: Any) -> None:

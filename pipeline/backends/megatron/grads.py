@@ -51,13 +51,14 @@ def _counted(name: str, p: Tensor, tp_rank: int, first_stage: bool, tied_across_
     return True
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tensor:
-    """Global L2 norm over all model-parallel ranks, then scale like ``torch.nn.utils.clip_grad_norm_``."""
+def clip_grad_norm(named_params: list[tuple[str, Tensor]], max_norm: float, *, tied_across_stages: bool) -> Tensor:
+    """Global L2 norm of the gradients of ``named_params`` (model parameter names, or their fp32 masters) over all
+    model-parallel ranks, then scale them like ``torch.nn.utils.clip_grad_norm_``."""
     from megatron.core import parallel_state as ps
 
     tp_rank, first = ps.get_tensor_model_parallel_rank(), ps.is_pipeline_first_stage()
-    tied = getattr(model, "tied_across_stages", False)
-    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    tied = tied_across_stages
+    named = [(n, p) for n, p in named_params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=named[0][1].device if named else "cpu")
     for n, p in named:
         if _counted(n, p, tp_rank, first, tied):

@@ -98,10 +98,10 @@ def hf_inv_freq(hf_config) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Precision:
-    """Parameter dtype and the GPU-only options that change how the model is built."""
+    """Numerics options that change how the model is built: the parameter (and pipeline activation) dtype, e.g.
+    ``torch.bfloat16`` with fp32 master weights kept by :class:`~pipeline.backends.megatron.optim.MasterWeights`."""
 
     params_dtype: torch.dtype = torch.float32
-    sequence_parallel: bool = False
     recompute_activations: bool = False
 
 
@@ -109,7 +109,6 @@ def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision, *, on
     """megatron-core ``TransformerConfig`` for ``arch``: no dropout, no biases outside QKV, unfused kernels on CPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    bf16 = precision.params_dtype == torch.bfloat16
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim, ffn_hidden_size=arch.intermediate_size,
@@ -117,8 +116,8 @@ def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision, *, on
         add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        sequence_parallel=precision.sequence_parallel and tp > 1,
-        params_dtype=precision.params_dtype, pipeline_dtype=precision.params_dtype, bf16=bf16,
+        params_dtype=precision.params_dtype, pipeline_dtype=precision.params_dtype,
+        bf16=precision.params_dtype == torch.bfloat16,
         use_cpu_initialization=True, perform_initialization=False,  # weights always come from a checkpoint
         variable_seq_lengths=True,  # batches are padded per step, not to a fixed length
         moe_token_dispatcher_type="alltoall",  # dense model; the default "allgather" refuses variable_seq_lengths

@@ -34,7 +34,7 @@ def run_schedule(model: torch.nn.Module, micro_batches: list[TokenBatch], loss_f
         mb: TokenBatch = next(data_iterator)
         b, t = mb.input_ids.shape
         position_ids = torch.arange(t, device=mb.input_ids.device).expand(b, t)  # right padding: 0..T-1
-        output = model_chunk(mb.input_ids, position_ids, None)  # last stage: (b, T, Vp/tp); else hidden states
+        output = model_chunk(mb.input_ids, position_ids, None)  # last stage: (b, T, Vp/tp); else hidden (T, b, H)
 
         def loss_func(logits: Tensor):
             loss, metrics = loss_fn(logits, mb)

@@ -30,8 +30,9 @@ def read_hf_state(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_into(model: torch.nn.Module, hf_state: dict[str, Tensor], arch: Arch, tp: int, pp: int, tp_rank: int,
-              pp_rank: int) -> None:
-    """Copy this rank's shard of ``hf_state`` into ``model``; every parameter must be filled, nothing left over."""
+              pp_rank: int) -> dict[str, Tensor]:
+    """Copy this rank's shard of ``hf_state`` into ``model``; every parameter must be filled, nothing left over.
+    Returns the shard as read (full precision), by parameter name."""
     shard = convert.hf_to_megatron(hf_state, arch, tp, pp, tp_rank, pp_rank)
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(shard)), sorted(set(shard) - set(params))
@@ -44,6 +45,7 @@ def load_into(model: torch.nn.Module, hf_state: dict[str, Tensor], arch: Arch, t
                 raise ValueError(f"{name}: checkpoint gives {tuple(shard[name].shape)}, model has {tuple(p.shape)}")
             p.copy_(shard[name])
     model.tied_across_stages = arch.tie_word_embeddings and pp > 1
+    return shard
 
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
