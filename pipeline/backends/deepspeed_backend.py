@@ -27,8 +27,8 @@ Departures from the torch backend, none of which changes the computed step: the 
 copy replicated on every rank (not ZeRO-partitioned); the HF checkpoint is loaded in fp32 on the CPU by every rank
 before DeepSpeed moves/partitions it (no ``zero.Init``), so ZeRO-3 saves optimizer and gradient memory, not load-time
 memory; ``save``/``load`` use DeepSpeed's own checkpoint format (sharded optimizer state), and ``export_hf`` writes
-the standard HF format. A non-finite gradient norm is only seen after DeepSpeed's step, so unlike the torch backend
-the update may already be applied when the error is raised (non-finite losses are caught before backward).
+the standard HF format. A non-finite gradient norm raises FloatingPointError with no update applied, as in the torch
+backend: ZeRO stages skip such a step themselves (and the LR schedule with it); at stage 0 we check before stepping.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class DeepSpeedBackend(TrainingBackend):
                 "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay,
                 "torch_adam": not b.offload_optimizer}},
             "zero_optimization": zero,
-            "bf16": {"enabled": self.bf16},
+            "bf16": {"enabled": self.bf16, "check_grad_overflow": True},  # skip (and report) inf/NaN steps
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
@@ -232,17 +232,26 @@ class DeepSpeedBackend(TrainingBackend):
     def _optimizer_step(self) -> dict[str, float]:
         lr = self.scheduler.get_last_lr()[0]
         own_norm = None
-        if self.cfg.backend.zero_stage == 0:  # without ZeRO DeepSpeed does not record the norm; grads are whole here
+        if self.cfg.backend.zero_stage == 0:  # without ZeRO DeepSpeed neither records the norm nor skips on inf/NaN
             own_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+            if not torch.isfinite(own_norm):
+                self.module.zero_grad(set_to_none=True)
+                self._non_finite(own_norm.item())
         self.engine.step()
+        if not self.engine.was_step_applied():  # ZeRO saw inf/NaN gradients: no update, no LR step, grads cleared
+            self._non_finite(self.engine.get_global_grad_norm())
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm if grad_norm is not None else own_norm if own_norm is not None else "nan")
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step - 1}; the update may already "
-                                     "be applied: resume from the last checkpoint with a lower learning rate or "
-                                     "check the data")
-        return {"grad_norm": grad_norm, "lr": lr}
+        grad_norm = grad_norm if grad_norm is not None else own_norm
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):  # a path that did not skip: say so
+            raise FloatingPointError(f"gradient norm is {float(grad_norm)} at step {self.step - 1} and DeepSpeed "
+                                     "applied the update; resume from the last checkpoint with a lower learning rate")
+        # no norm at all only when DeepSpeed computes none (ZeRO 1/2 without gradient clipping)
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": lr}
+
+    def _non_finite(self, grad_norm: Any) -> None:
+        raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}; lower the learning rate or check "
+                                 "the data (no update was applied)")
 
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
         num_tokens = batch.response_mask.sum().clamp(min=1.0).to(self.device)
@@ -272,8 +281,7 @@ class DeepSpeedBackend(TrainingBackend):
             loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
                                              ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
                                              num_seqs=len(batch), **kwargs)
-            metrics["loss"] = loss.item() * num_tokens / max(1.0, mb.response_mask.sum().item())
-            return loss, metrics
+            return loss, metrics  # metrics describe the micro-batch alone; merged by token share below
 
         parts = self._train_step(batch, loss_fn)
         stats = self._optimizer_step()

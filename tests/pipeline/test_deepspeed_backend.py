@@ -4,8 +4,9 @@ Each scenario runs log-probs, one SFT step and one LamPO RL step (PPO clip with 
 clipping happens, KL to the reference, entropy bonus, seq-mean-token-mean so that the global sequence count matters)
 on an 8-sequence batch cut into micro-batches of 3. With 2 ranks that is 2 micro-batches on rank 0 and 1 plus a
 zero-weight dummy on rank 1, so the uneven-shard path is exercised. Checked against :class:`TorchBackend`: the
-metrics, the log-probs and the updated weights (fp32, CPU), also with activation recomputation. Also: save -> load resumes identically (the next step
-after loading equals the next step without the round trip), ZeRO-3's ``export_hf`` gathers the full weights, and
+metrics, the log-probs and the updated weights (fp32, CPU), also with activation recomputation. Also: save -> load
+resumes identically (the next step after loading equals the next step without the round trip), a non-finite gradient
+raises without updating anything (ZeRO 0/2/3), ZeRO-3's ``export_hf`` gathers the full weights, and
 ``validate_config`` refuses layouts this backend cannot run.
 """
 from __future__ import annotations
@@ -125,6 +126,24 @@ def test_save_load_resumes_identically(ckpt, tmp_path):
     assert got[1] == want[1] and got[3] == want[3] == 3
     for k, w in want[2].items():
         assert torch.equal(got[2][k], w), k
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_non_finite_gradient_raises_and_applies_no_update(ckpt, stage):
+    from pipeline.backends.deepspeed_backend import DeepSpeedBackend
+
+    b = make_backend(DeepSpeedBackend, ckpt, stage)
+    before = dict(b.named_full_tensors())
+    hook = b.module.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="no update was applied"):
+        b.sft_step(make_batch(0))
+    hook.remove()
+    assert b.step == 0 and all(torch.equal(v, before[k]) for k, v in b.named_full_tensors())
+    # nothing leaks into the next step: it equals a fresh backend's first step (weights, Adam state, LR schedule)
+    fresh = make_backend(DeepSpeedBackend, ckpt, stage)
+    assert b.sft_step(make_batch(0)) == fresh.sft_step(make_batch(0))
+    want = dict(fresh.named_full_tensors())
+    assert all(torch.equal(v, want[k]) for k, v in b.named_full_tensors())
 
 
 def test_load_refuses_a_folder_without_a_checkpoint(ckpt, tmp_path):
