@@ -101,8 +101,7 @@ class MegatronBackend(TrainingBackend):
         return torch.optim.AdamW(params, **kw)
 
     def _build(self, hf_state: dict[str, Tensor]) -> tuple[torch.nn.Module, dict[str, Tensor]]:
-        model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision,
-                            on_cpu=not self.use_cuda)
+        model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision)
         shard = weights.load_into(model, hf_state, self.arch, self.layout.tp, self.layout.pp, self.tp_rank,
                                   self.pp_rank)
         return model.to(self.device), shard

@@ -33,15 +33,13 @@ import torch
 #: megatron-core versions this layer was written and tested against (major, minor)
 SUPPORTED = ((0, 16),)
 
-#: modules on the training path that name CUDA directly (megatron-core 0.16.1)
+#: modules on the CPU training path that name CUDA directly (megatron-core 0.16.1), and why each is needed
 PATCHED_MODULES = (
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.tensor_parallel.mappings",
-    "megatron.core.tensor_parallel.layers",
-    "megatron.core.tensor_parallel.utils",
-    "megatron.core.tensor_parallel.random",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # get_emb moves inv_freq to current_device()
+    "megatron.core.tensor_parallel.mappings",  # TP all-gather output buffers (gather_from_tensor_model_parallel_region)
+    "megatron.core.tensor_parallel.random",  # RNG tracker: torch.cuda.get/set_rng_state, manual_seed
+    "megatron.core.pipeline_parallel.p2p_communication",  # shape/activation buffers, synchronize()
+    "megatron.core.pipeline_parallel.schedules",  # device="cuda" token counters
 )
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like")

@@ -105,7 +105,7 @@ class Precision:
     recompute_activations: bool = False
 
 
-def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision, *, on_cpu: bool):
+def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision):
     """megatron-core ``TransformerConfig`` for ``arch``: no dropout, no biases outside QKV, unfused kernels on CPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -141,7 +141,7 @@ def layer_spec(arch: Arch):
     return spec
 
 
-def build_model(arch: Arch, hf_config, tp: int, pp: int, precision: Precision = Precision(), *, on_cpu: bool = True):
+def build_model(arch: Arch, hf_config, tp: int, pp: int, precision: Precision = Precision()):
     """This rank's ``GPTModel`` stage: the embedding on the first stage, final norm and output layer on the last.
 
     Tied embeddings with ``pp > 1``: megatron-core's own tying (``share_embeddings_and_output_weights``) syncs the
@@ -152,7 +152,7 @@ def build_model(arch: Arch, hf_config, tp: int, pp: int, precision: Precision = 
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, tp, pp, precision, on_cpu=on_cpu)
+    config = transformer_config(arch, tp, pp, precision)
     model = GPTModel(
         config=config, transformer_layer_spec=layer_spec(arch), vocab_size=arch.padded_vocab(tp),
         max_sequence_length=arch.max_position_embeddings,
