@@ -96,7 +96,6 @@ def init_distributed(device: torch.device) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -109,6 +108,8 @@ class DeepSpeedBackend(TrainingBackend):
         import deepspeed
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world == 1:
+            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it; torchrun sets it
         self.is_main = self.rank == 0
         self.bf16 = cfg.backend.bf16 and self.device.type == "cuda"
         self.micro = cfg.backend.micro_batch_size
