@@ -42,6 +42,7 @@ from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron.model import Arch, Precision, arch_from_hf, build_model
 from pipeline.backends.megatron.optim import MasterWeights
+from pipeline.backends.megatron.reshard import reshard, shard_file
 from pipeline.backends.megatron.parallel import Layout, check_layout, init_parallel, layout_for_world, \
     world_size_from_env
 from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
@@ -245,9 +246,6 @@ class MegatronBackend(TrainingBackend):
         return {"grad_norm": float(grad_norm), "lr": lr}
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
-    def _shard_file(self, path: Path) -> Path:
-        return path / f"megatron_tp{self.tp_rank}_pp{self.pp_rank}.pt"
-
     def save(self, path: str | Path) -> None:
         """Each (TP, PP) shard writes its own file from DP rank 0 (DP replicas are identical), plus ``layout.json``.
 
@@ -264,30 +262,33 @@ class MegatronBackend(TrainingBackend):
             self.optimizer.consolidate_state_dict(to=0)
         if self.dp_rank == 0:
             torch.save({"model": self.master.state(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "step": self.step}, self._shard_file(path))
+                        "param_names": [n for n, _ in self.master.named()],
+                        "scheduler": self.scheduler.state_dict(), "step": self.step},
+                       shard_file(path, self.tp_rank, self.pp_rank))
         rng = {"rng": rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
         torch.save(rng, path / f"rng_rank{dist.get_rank()}.pt")
         dist.barrier()
 
     def load(self, path: str | Path) -> None:
-        """Restore :meth:`save`'s shards. A different TP x PP layout is refused (resume with the layout it was saved
-        with, or start a new stage from the exported Hugging Face weights); a different DP degree is fine."""
+        """Restore :meth:`save`'s shards. Another DP degree needs nothing; another TP x PP layout is resharded
+        (weights and AdamW moments, :mod:`.reshard`), and then the per-rank RNG states are not restored (they do not
+        map across layouts; nothing on the training path draws random numbers: no dropout)."""
         from megatron.core import tensor_parallel
 
         path = Path(path)
         saved = json.loads((path / "layout.json").read_text())
-        if (saved["tp"], saved["pp"]) != (self.layout.tp, self.layout.pp):
-            raise ValueError(f"checkpoint {path} was saved with tensor_parallel={saved['tp']}, pipeline_parallel="
-                             f"{saved['pp']} but this run uses tensor_parallel={self.layout.tp}, pipeline_parallel="
-                             f"{self.layout.pp}; resume with the saved layout (changing the layout mid-stage would "
-                             "need resharding the optimizer state, which this backend does not do)")
-        state = torch.load(self._shard_file(path), map_location=self.device, weights_only=False)
+        same_layout = (saved["tp"], saved["pp"]) == (self.layout.tp, self.layout.pp)
+        if same_layout:
+            state = torch.load(shard_file(path, self.tp_rank, self.pp_rank), map_location="cpu", weights_only=False)
+        else:
+            state = reshard(path, (saved["tp"], saved["pp"]), self.arch, self.layout.tp, self.layout.pp,
+                            self.tp_rank, self.pp_rank, [n for n, _ in self.master.named()])
         self.master.load(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-        if rng_file.is_file():  # absent when resuming with more DP ranks than were saved
+        if same_layout and rng_file.is_file():  # absent when resuming with more DP ranks than were saved
             rng = torch.load(rng_file, weights_only=False)
             set_rng_state(rng["rng"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
