@@ -10,12 +10,12 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = ("qwen2", "qwen3", "llama", "phi3")
 
 
 def hf_config(family: str, *, tied: bool, vocab: int = 99, layers: int = 2):
     """A tiny config; vocab 99 is odd so that padding to a multiple of TP is exercised."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=tied,
@@ -28,6 +28,8 @@ def hf_config(family: str, *, tied: bool, vocab: int = 99, layers: int = 2):
         return LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                            rope_theta=500000.0, **common)
+    if family == "phi3":
+        return Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
     raise ValueError(family)
 
 

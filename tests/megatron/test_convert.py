@@ -66,3 +66,14 @@ def test_unsupported_family_is_refused():
 
     with pytest.raises(ValueError, match="model_type"):
         arch_from_hf(GPT2Config())
+
+
+def test_phi3_sliding_window_and_partial_rotary_are_refused():
+    config = hf_config("phi3", tied=False)
+    config.sliding_window = 16  # shorter than max_position_embeddings=64
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        arch_from_hf(config)
+    config = hf_config("phi3", tied=False)
+    config.rope_parameters["partial_rotary_factor"] = 0.75
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75"):
+        arch_from_hf(config)

@@ -12,6 +12,9 @@ Layout facts (megatron-core local spec, 0.16):
   split along rows. With tied embeddings and ``pp > 1`` the last stage holds its own copy in ``output_layer``.
 * Pipeline stage ``s`` of ``pp`` holds HF layers ``[s * L/pp, (s + 1) * L/pp)`` as local ``decoder.layers.0..``.
 
+Phi-3 stores q/k/v fused (``qkv_proj``: all q rows, then k, then v) and gate/up fused (``gate_up_proj``: gate rows
+first); they are split into the Llama names first and fused back last.
+
 Every transformation is a reshape, slice, concatenation or zero-pad, so HF -> Megatron -> HF is bit-exact.
 """
 from __future__ import annotations
@@ -60,8 +63,28 @@ def _qkv_to_hf(shards: list[Tensor], arch: Arch) -> tuple[Tensor, Tensor, Tensor
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
+def _unfuse_phi3(layer: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
+    """Phi-3 layer -> Llama names: ``qkv_proj`` rows are all q, then k, then v; ``gate_up_proj`` is gate then up."""
+    out = {k: v for k, v in layer.items() if k not in ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
+    q_rows, kv_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    q, k, v = layer["self_attn.qkv_proj.weight"].split([q_rows, kv_rows, kv_rows], dim=0)
+    out["self_attn.q_proj.weight"], out["self_attn.k_proj.weight"], out["self_attn.v_proj.weight"] = q, k, v
+    out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"] = layer["mlp.gate_up_proj.weight"].chunk(2, dim=0)
+    return out
+
+
+def _fuse_phi3(layer: dict[str, Tensor]) -> dict[str, Tensor]:
+    qkv = [layer.pop(f"self_attn.{x}_proj.weight") for x in "qkv"]
+    layer["self_attn.qkv_proj.weight"] = torch.cat(qkv, dim=0).contiguous()
+    gate_up = [layer.pop("mlp.gate_proj.weight"), layer.pop("mlp.up_proj.weight")]
+    layer["mlp.gate_up_proj.weight"] = torch.cat(gate_up, dim=0).contiguous()
+    return layer
+
+
 def layer_to_megatron(hf: Mapping[str, Tensor], arch: Arch, tp: int) -> list[dict[str, Tensor]]:
     """One HF layer (keys like ``self_attn.q_proj.weight``) -> ``tp`` dicts of megatron local suffixes."""
+    if arch.model_type == "phi3":
+        hf = _unfuse_phi3(hf, arch)
     out: list[dict[str, Tensor]] = [{} for _ in range(tp)]
     a = "self_attn."
     parts = {"weight": _qkv_to_megatron(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"],
@@ -99,7 +122,8 @@ def layer_to_hf(shards: list[Mapping[str, Tensor]], arch: Arch) -> dict[str, Ten
     for meg, name in _NORMS.items():
         if meg in shards[0]:
             hf[name] = shards[0][meg]
-    return {k: v.contiguous() for k, v in hf.items()}
+    hf = {k: v.contiguous() for k, v in hf.items()}
+    return _fuse_phi3(hf) if arch.model_type == "phi3" else hf
 
 
 def vocab_to_megatron(w: Tensor, arch: Arch, tp: int) -> list[Tensor]:

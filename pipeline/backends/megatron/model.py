@@ -1,8 +1,8 @@
 """A megatron-core ``GPTModel`` built from a Hugging Face decoder config (the model, not how it is parallelised).
 
 :class:`Arch` is the small, framework-neutral description of a decoder that both sides of the weight conversion
-share; :func:`arch_from_hf` reads it from a Hugging Face config (Qwen2/2.5, Qwen3, Llama 3; other families are refused
-with a message). :func:`build_model` turns it into megatron-core's ``GPTModel`` with the local layer spec (RMSNorm,
+share; :func:`arch_from_hf` reads it from a Hugging Face config (Qwen2/2.5, Qwen3, Llama 3, Phi-3 without sliding
+window or partial rotary; other families are refused with a message). :func:`build_model` turns it into megatron-core's ``GPTModel`` with the local layer spec (RMSNorm,
 SwiGLU, RoPE, optional QKV bias and QK-norm) and :class:`~pipeline.backends.megatron.attention.SDPAttention` as core
 attention, for the pipeline stage and tensor-parallel rank of the calling process (parallel state must be initialised;
 degree 1 is the same code).
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+             "phi3": "Phi3ForCausalLM"}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -55,8 +56,13 @@ def arch_from_hf(hf_config) -> Arch:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{mt}: hidden_act={act!r}; only SwiGLU (silu) MLPs are mapped")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError(f"{mt}: use_sliding_window=True is not supported by the megatron backend")
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", mt == "phi3") and window and window < hf_config.max_position_embeddings:
+        raise ValueError(f"{mt}: sliding-window attention (sliding_window={window}) is not mapped by the megatron "
+                         "backend (it attends causally over the whole sequence)")
+    partial = _rope_params(hf_config).get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ValueError(f"{mt}: partial rotary embeddings (partial_rotary_factor={partial}) are not mapped")
     if getattr(hf_config, "mlp_bias", False):
         raise ValueError(f"{mt}: mlp_bias=True is not mapped")
     rope_type = _rope_params(hf_config).get("rope_type", "default")
