@@ -295,18 +295,21 @@ class MegatronBackend(TrainingBackend):
 
     # --- weights out --------------------------------------------------------------------------------------------------
     def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        yield from weights.gather_hf(self.model, self.arch, self.layout, self.pp_rank, self.dp_rank)
+        """Full tensors in the model's dtype (bf16 with ``backend.bf16``), for the rollout engine."""
+        yield from weights.gather_hf(dict(self.model.named_parameters()), self.arch, self.layout, self.pp_rank,
+                                     self.dp_rank)
 
     def export_hf(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        full = dict(self.named_full_tensors())  # collective: every rank iterates
+        full = dict(weights.gather_hf(dict(self.master.named()), self.arch, self.layout, self.pp_rank,
+                                      self.dp_rank))  # the fp32 master weights; collective: every rank iterates
         if not self.is_main:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.hf_config)
-        cfg.torch_dtype = "float32"
+        cfg.dtype = "float32"  # what is written: the fp32 master weights
         cfg.save_pretrained(path)
         for extra in self.model_path.iterdir():  # tokenizer and generation files travel with the weights
             if extra.suffix in (".json", ".txt", ".model", ".jinja") and extra.name not in (

@@ -51,7 +51,7 @@ def load_into(model: torch.nn.Module, hf_state: dict[str, Tensor], arch: Arch, t
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
-def gather_hf(model: torch.nn.Module, arch: Arch, layout: Layout, pp_rank: int, dp_rank: int
+def gather_hf(params: dict[str, Tensor], arch: Arch, layout: Layout, pp_rank: int, dp_rank: int
               ) -> Iterator[tuple[str, Tensor]]:
     """Stream full HF tensors to global rank 0, one layer at a time (a collective: every rank must iterate).
 
@@ -61,7 +61,7 @@ def gather_hf(model: torch.nn.Module, arch: Arch, layout: Layout, pp_rank: int, 
     """
     from megatron.core import parallel_state as ps
 
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in params.items()}  # this rank's megatron parameters by name
     tp_rank = ps.get_tensor_model_parallel_rank()
     owner = dp_rank == 0
     per_stage = arch.num_layers // layout.pp
