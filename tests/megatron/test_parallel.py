@@ -23,7 +23,9 @@ VARIANTS = {
     "dp2": (1, 1, {}), "tp2": (2, 1, {}), "pp2": (1, 2, {}),
     "dp2_zero1": (1, 1, {"distributed_optimizer": True}),
     "tp2_recompute": (2, 1, {"recompute_activations": True}),
+    "tp2_qwen3": (2, 1, {}),  # QK-norm weights: replicated, but each TP rank only sees its own heads' gradients
 }
+TRAINED = {"tp2_qwen3": "qwen3"}  # variant -> family trained (default qwen2)
 EXACT = sorted(VARIANTS)  # fp32: same result within fp32 tolerance
 FAMILIES = {"qwen2": True, "qwen3": True, "llama": False, "phi3": False}  # family -> tied embeddings
 LR = 1e-3
@@ -117,8 +119,8 @@ def _worker(ckpts: dict[str, str], ids: torch.Tensor, batch) -> dict:
             results["logits", family, tp, pp] = _logits(ckpt, ids, tp, pp)
         ps.destroy_model_parallel()
     for name, (tp, pp, options) in VARIANTS.items():
-        backend = MegatronBackend(make_cfg(tp, pp, **options), ckpts["qwen2"], lr=LR, total_steps=10,
-                                  warmup_steps=0, min_lr_ratio=0.1, reference=True)
+        backend = MegatronBackend(make_cfg(tp, pp, **options), ckpts[TRAINED.get(name, "qwen2")], lr=LR,
+                                  total_steps=10, warmup_steps=0, min_lr_ratio=0.1, reference=True)
         results["steps", name] = steps(backend, batch)
         del backend
         ps.destroy_model_parallel()
@@ -145,12 +147,20 @@ def results(ckpts, ids):
 
 
 @pytest.fixture(scope="module")
-def torch_steps(ckpts):
+def torch_runs(ckpts):
     from pipeline.backends.torch_backend import TorchBackend
 
-    backend = TorchBackend(make_cfg(name="torch"), ckpts["qwen2"], lr=LR, total_steps=10, warmup_steps=0,
-                           min_lr_ratio=0.1, reference=True)
-    return steps(backend, make_batch())
+    out = {}
+    for family in sorted(set(TRAINED.values()) | {"qwen2"}):
+        backend = TorchBackend(make_cfg(name="torch"), ckpts[family], lr=LR, total_steps=10, warmup_steps=0,
+                               min_lr_ratio=0.1, reference=True)
+        out[family] = steps(backend, make_batch())
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_steps(torch_runs):
+    return torch_runs["qwen2"]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -166,16 +176,16 @@ def test_logits_match_hf(results, ckpts, ids, family, tp, pp):
 
 
 @pytest.mark.parametrize("variant", EXACT)
-def test_logprobs_match_torch_backend(results, torch_steps, variant):
-    got, want = results["steps", variant]["logprobs"], torch_steps["logprobs"]
+def test_logprobs_match_torch_backend(results, torch_runs, variant):
+    got, want = results["steps", variant]["logprobs"], torch_runs[TRAINED.get(variant, "qwen2")]["logprobs"]
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sft", "rl"])
 @pytest.mark.parametrize("variant", EXACT)
-def test_step_matches_torch_backend(results, torch_steps, kind, variant):
-    got, want = results["steps", variant], torch_steps
+def test_step_matches_torch_backend(results, torch_runs, kind, variant):
+    got, want = results["steps", variant], torch_runs[TRAINED.get(variant, "qwen2")]
     for key in ("loss", "grad_norm", "lr"):
         assert got[kind][key] == pytest.approx(want[kind][key], rel=1e-5, abs=1e-6), key
     if kind == "rl":

@@ -23,10 +23,22 @@ def _tied_pair(model: torch.nn.Module) -> Tensor | None:
     return params.get(EMBEDDING) if ps.is_pipeline_first_stage() else params.get(TIED_COPY)
 
 
+def _partial_over_tp(name: str, p: Tensor) -> bool:
+    """Replicated parameters whose gradient each TP rank only sees part of: QK-norm weights (shared by all heads,
+    each rank holds some heads) and, with sequence parallelism, norms (each rank holds part of the sequence). Their
+    gradients are summed over the TP group, as megatron-core's ``finalize_model_grads`` does."""
+    return "q_layernorm" in name or "k_layernorm" in name or getattr(p, "sequence_parallel", False)
+
+
 def sync_grads(model: torch.nn.Module, layout: Layout) -> None:
-    """Sum gradients over data-parallel replicas, then over the two copies of a stage-split tied embedding."""
+    """Sum gradients of partially-seen replicated parameters over TP ranks, over data-parallel replicas, and over
+    the two copies of a stage-split tied embedding."""
     from megatron.core import parallel_state as ps
 
+    if layout.tp > 1:
+        for name, p in model.named_parameters():
+            if p.grad is not None and _partial_over_tp(name, p):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if layout.dp > 1:
         group = ps.get_data_parallel_group()
         for p in model.parameters():
