@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lampo.record import TokenBatch, check_finite
+
 if TYPE_CHECKING:
     from pipeline.config import AlgorithmConfig
 
@@ -46,6 +48,29 @@ def policy_kwargs(algo: AlgorithmConfig, max_len: int) -> dict[str, Any]:
     return dict(policy_loss=algo.policy_loss, clip_low=algo.clip_low, clip_high=algo.clip_high,
                 dual_clip=algo.dual_clip, loss_agg=algo.loss_agg, kl_coef=algo.kl_coef,
                 kl_estimator=algo.kl_estimator, entropy_coef=algo.entropy_coef, max_len=max_len)
+
+
+def sft_loss(logprobs: Tensor, mb: TokenBatch, num_tokens: Tensor | float) -> Tensor:
+    """This micro-batch's share of the batch's masked next-token loss: ``-sum(lp * mask) / num_tokens`` where
+    ``logprobs`` (b, T) are aligned per-token log-probs and ``num_tokens`` counts the response tokens of the whole
+    (global) batch, so the shares of all micro-batches add up to the batch mean."""
+    loss = -(logprobs * mb.response_mask).sum() / num_tokens
+    check_finite("SFT loss", loss.detach())
+    return loss
+
+
+def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: AlgorithmConfig, *, max_len: int,
+            num_tokens: float, num_seqs: int) -> tuple[Tensor, dict[str, float]]:
+    """This micro-batch's share of the policy objective, from aligned per-token ``logprobs`` / ``entropy`` (b, T)
+    however the backend computed them (full or vocabulary-parallel logits); global normalisers make the shares add up
+    exactly. Entropy is only differentiated when ``entropy_coef`` uses it. Metrics describe the micro-batch alone."""
+    from lampo.losses import policy_objective
+
+    if entropy is not None and algo.entropy_coef == 0:
+        entropy = entropy.detach()
+    return policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs,
+                            entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
+                            **policy_kwargs(algo, max_len=max_len))
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:

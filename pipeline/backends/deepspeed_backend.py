@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lampo.record import TokenBatch, check_finite
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (entropy_aligned, merge_metrics, policy_kwargs, rng_state, set_rng_state,
+from pipeline.backends.common import (entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
 from pipeline.models import load_hf_model
 
@@ -258,36 +258,29 @@ class DeepSpeedBackend(TrainingBackend):
         num_tokens = batch.response_mask.sum().clamp(min=1.0).to(self.device)
 
         def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, None]:
-            lp = token_logprobs_from_logits(logits, mb.input_ids)  # (b, T)
-            return -(lp * mb.response_mask).sum() / num_tokens, None
+            return sft_loss(token_logprobs_from_logits(logits, mb.input_ids), mb, num_tokens), None
 
         parts = self._train_step(batch, loss_fn)
         stats = self._optimizer_step()
         return {"loss": sum(v for _, v, _ in parts), **stats}
 
     def rl_step(self, batch: TokenBatch) -> dict[str, float]:
-        from lampo.losses import policy_objective
-
         if batch.old_logprobs is None or batch.advantages is None:
             raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        algo = self.cfg.rl.algorithm
-        kwargs = policy_kwargs(algo, max_len=self.cfg.rollout.max_new_tokens)
         num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
 
         def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
-            lp = token_logprobs_from_logits(logits, mb.input_ids)  # (b, T)
-            ent = entropy_aligned(logits)
-            if algo.entropy_coef == 0:
-                ent = ent.detach()
-            loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                             ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
-                                             num_seqs=len(batch), **kwargs)
-            return loss, metrics  # metrics describe the micro-batch alone; merged by token share below
+            # metrics describe the micro-batch alone; merged by token share below
+            return rl_loss(token_logprobs_from_logits(logits, mb.input_ids), entropy_aligned(logits), mb,
+                           self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens, num_tokens=num_tokens,
+                           num_seqs=len(batch))
 
         parts = self._train_step(batch, loss_fn)
         stats = self._optimizer_step()
         tokens = [mb.response_mask.sum().item() for mb in batch.split(self.micro)]
-        return {**merge_metrics([(tokens[m], metrics) for m, _, metrics in parts]), **stats}
+        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
+        merged = merge_metrics([(tokens[m], metrics) for m, _, metrics in parts])
+        return {**merged, "loss": sum(v for _, v, _ in parts), **stats}
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lampo.losses import policy_objective
-from lampo.record import TokenBatch, check_finite
+from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (entropy_aligned, merge_metrics, policy_kwargs, rng_state, set_rng_state,
+from pipeline.backends.common import (entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
 from pipeline.models import load_hf_model
 
@@ -76,8 +75,7 @@ class TorchBackend(TrainingBackend):
         for mb in batch.split(self.cfg.backend.micro_batch_size):
             mb = mb.to(self.device)
             lp = token_logprobs_from_logits(self._logits(self.model, mb), mb.input_ids)  # (b, T)
-            loss = -(lp * mb.response_mask).sum() / num_tokens.to(self.device)
-            check_finite("SFT loss", loss.detach())
+            loss = sft_loss(lp, mb, num_tokens.to(self.device))
             loss.backward()
             total += loss.item()
         return {"loss": total, **self._optimizer_step()}
@@ -85,22 +83,19 @@ class TorchBackend(TrainingBackend):
     def rl_step(self, batch: TokenBatch) -> dict[str, float]:
         if batch.old_logprobs is None or batch.advantages is None:
             raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        kwargs = policy_kwargs(self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens)
         num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
-        parts = []
+        parts, total = [], 0.0
         for mb in batch.split(self.cfg.backend.micro_batch_size):
             mb = mb.to(self.device)
             logits = self._logits(self.model, mb)
-            lp = token_logprobs_from_logits(logits, mb.input_ids)
-            ent = entropy_aligned(logits)
-            if self.cfg.rl.algorithm.entropy_coef == 0:
-                ent = ent.detach()
-            loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                             ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
-                                             num_seqs=len(batch), **kwargs)
+            loss, metrics = rl_loss(token_logprobs_from_logits(logits, mb.input_ids), entropy_aligned(logits), mb,
+                                    self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens,
+                                    num_tokens=num_tokens, num_seqs=len(batch))
             loss.backward()
             parts.append((mb.response_mask.sum().item(), metrics))
-        return {**merge_metrics(parts), **self._optimizer_step()}
+            total += loss.item()
+        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
+        return {**merge_metrics(parts), "loss": total, **self._optimizer_step()}
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -52,5 +52,11 @@ class RolloutEngine(ABC):
             tensors.update(load_file(f))
         self.update_weights(tensors.items())
 
+    def release_memory(self) -> None:  # noqa: B027 - optional hook
+        """Free accelerator memory (weights, KV cache) while a colocated trainer runs (no-op on CPU)."""
+
+    def reacquire_memory(self) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`release_memory` before generating; weights are synced after this."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

@@ -7,6 +7,8 @@ Where this departs from the paper (arXiv 2605.21235), or fills a gap it leaves:
   ``rl.algorithm.recompute_old_logprobs=false``;
 * one RL iteration samples ``rl.prompts_per_iteration`` prompts x ``rollout.n_samples`` responses, then runs
   ``ppo_epochs`` passes of mini-batches of ``rl.mini_batch_size`` sequences (each an optimizer step);
+* the rollout engine gets the trainer's weights at the start of each iteration (``rl.eval_every`` evaluates
+  them there too, so iteration N's evaluation describes the policy after N updates);
 * with ``rl.algorithm.dynamic_sampling`` the groups whose rewards are all equal are dropped (DAPO); no re-sampling
   is done to refill the batch.
 
@@ -15,6 +17,7 @@ The prompt order and the sampling seed are functions of ``(run.seed, iteration)`
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -107,7 +110,6 @@ def run(ctx: Context) -> None:
     engine = engine_class(cfg.rollout.engine)(start, ctx.tokenizer, cfg) if dist.is_main() else None
     if st.checkpoint:
         backend.load(rd.path(st.checkpoint))
-        sync_weights(backend, engine)
         ctx.log.print(f"[rl] resumed from {st.checkpoint} (iteration {st.step})")
     st.status = "running"
     if dist.is_main():
@@ -118,12 +120,17 @@ def run(ctx: Context) -> None:
     for it in tqdm(range(st.step, rl.iterations), desc="rl", initial=st.step, total=rl.iterations,
                    disable=not (cfg.run.progress and dist.is_main())):
         m: dict[str, float] = {}
-        t = time.perf_counter()
         batch = None
+        with rollout_phase(cfg, backend, engine):
+            sync_weights(backend, engine)  # the engine samples from the policy as trained so far
+            if dist.is_main() and rl.eval_every and it > 0 and it % rl.eval_every == 0:
+                evaluate_during_training(ctx, engine, it)
+            if dist.is_main():
+                t = time.perf_counter()
+                prompts = [rows[i] for i in batch_indices(len(rows), rl.prompts_per_iteration, it, cfg.run.seed)]
+                batch = generate(ctx, engine, prompts, it)
+                m["time_rollout"] = time.perf_counter() - t
         if dist.is_main():
-            batch = generate(ctx, engine, [rows[i] for i in batch_indices(len(rows), rl.prompts_per_iteration, it,
-                                                                          cfg.run.seed)], it)
-            m["time_rollout"] = time.perf_counter() - t
             t = time.perf_counter()
             m.update(score(reward_fn, batch))
             m["time_scoring"] = time.perf_counter() - t
@@ -132,12 +139,9 @@ def run(ctx: Context) -> None:
         tb, adv_m = advantages(ctx, backend, batch)
         m.update(adv_m, **update(ctx, backend, tb, it))
         m["time_training"] = time.perf_counter() - t
-        sync_weights(backend, engine)
         m.update(batch_stats(batch, m, rl.reward.outcome))
         if dist.is_main():
             log_iteration(ctx, batch, m, it + 1)
-        if dist.is_main() and rl.eval_every and (it + 1) % rl.eval_every == 0:
-            evaluate_during_training(ctx, engine, it + 1)
         if (it + 1) % rl.checkpoint_every == 0 or it + 1 == rl.iterations:
             ctx.save_checkpoint(backend, st, it + 1)
     out = ctx.export(backend, "rl/final")
@@ -146,6 +150,23 @@ def run(ctx: Context) -> None:
         rd.save_state(st)
         engine.shutdown()
     ctx.log.print(f"[rl] done: {st.output}")
+
+
+@contextlib.contextmanager
+def rollout_phase(cfg, backend: TrainingBackend, engine: RolloutEngine | None):
+    """With ``backend.colocate_rollout``, the trainer frees accelerator memory while the engine holds it, and back."""
+    if not cfg.backend.colocate_rollout:
+        yield
+        return
+    backend.release_memory()
+    if engine is not None:
+        engine.reacquire_memory()
+    try:
+        yield
+    finally:
+        if engine is not None:
+            engine.release_memory()
+        backend.reacquire_memory()
 
 
 def evaluate_during_training(ctx: Context, engine: RolloutEngine, step: int) -> None:
