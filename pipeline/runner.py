@@ -67,8 +67,8 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
                 rd.reset_stage(name)
         dist.barrier()
     ctx = Context(cfg, rd, Logger(rd.tb))
-    ctx.tokenizer  # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
     try:
+        ctx.tokenizer  # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
         for name in stages:
             if rd.state(name).status == "done":
                 ctx.log.print(f"[{name}] already done, skipping")

@@ -50,6 +50,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp.rename(path)
 
 
+STAGE_FOLDERS = {"evaluate": "eval"}  # where a stage writes, when not in a folder of its own name
+
+
 @dataclass
 class StageState:
     """What a stage has done: ``status`` is pending | running | done; ``step`` counts finished steps/iterations;
@@ -89,9 +92,11 @@ class RunDir:
         atomic_write_json(self.path("state", f"{st.name}.json"), asdict(st))
 
     def reset_stage(self, stage: str) -> None:
+        """Forget a stage: its state file and its output folder (so nothing stale is resumed or reused)."""
         f = self.path("state", f"{stage}.json")
         if f.exists():
             f.unlink()
+        shutil.rmtree(self.path(STAGE_FOLDERS.get(stage, stage)), ignore_errors=True)
 
     def clean_partial(self) -> None:
         """Remove half-written checkpoint folders left by a kill (their complete versions are untouched)."""

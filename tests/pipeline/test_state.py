@@ -40,3 +40,13 @@ def test_prune_keeps_newest_and_protected(tmp_path):
         (tmp_path / "c" / f"step_{s:06d}").mkdir(parents=True)
     rd.prune_checkpoints(tmp_path / "c", keep=2, protect="c/step_000001")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step_000001", "step_000003", "step_000004"]
+
+
+def test_reset_stage_forgets_state_and_outputs(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.save_state(StageState("evaluate", "done"))
+    (tmp_path / "eval" / "sft").mkdir(parents=True)
+    (tmp_path / "sft").mkdir()
+    rd.reset_stage("evaluate")
+    assert rd.state("evaluate").status == "pending"
+    assert not (tmp_path / "eval").exists() and (tmp_path / "sft").exists()
