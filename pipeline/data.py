@@ -2,7 +2,6 @@
 ``{"id", "problem", "answer", "solution"}`` through the configured field names."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,44 +14,23 @@ Row = dict[str, str]
 
 
 def read_records(source: str, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
-    """Raw records with a location each (``file:line`` or ``hub:split[i]``) for error messages."""
-    path = Path(source)
-    if path.exists():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            out = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PipelineError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
-                    out.append((f"{path}:{lineno}", rec))
-            return out
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise PipelineError(f"{path}: a .json data file must hold a list of records")
-            return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-        if suffix in (".parquet", ".csv"):
-            import datasets
-
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-            return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
-        raise PipelineError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
-    name = source.removeprefix("hub:")
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise PipelineError(f"data source {source!r} is neither an existing file nor a hub dataset id (ORG/NAME)")
-    import datasets
+    """Raw records with a location each (``file:line`` or ``hub-id[i]``) for error messages. Reading is shared with
+    the evaluation package; unlike a benchmark, training data with a bad row is refused rather than skipped."""
+    from evaluation.data import BenchmarkDataError, HubSource, parse_hub, read_hub, read_local
 
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
-        raise PipelineError(f"cannot load hub dataset {name!r} split {split!r} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local file instead") from None
-    return [(f"{name}:{split}[{i}]", dict(r)) for i, r in enumerate(ds)]
+        if not Path(source).exists() and (source.startswith((".", "/")) or Path(source).suffix):
+            raise PipelineError(f"data file {source!r} does not exist (data.train / data.heldout)")
+        if Path(source).exists():
+            rows, bad = read_local(source)
+            if bad:
+                raise PipelineError(f"{bad[0]}; fix or delete that row ({len(bad)} bad row(s) in the file)")
+        else:
+            hub = parse_hub(source)
+            rows = read_hub(hub if "@" in source else HubSource(hub.dataset, hub.config, split))
+    except BenchmarkDataError as e:
+        raise PipelineError(str(e).replace("benchmark file", "data file")) from None
+    return [(r.pop("where"), r) for r in rows]
 
 
 def map_rows(records: list[tuple[str, dict[str, Any]]], data: DataConfig) -> list[Row]:

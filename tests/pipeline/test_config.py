@@ -65,3 +65,17 @@ def test_missing_file_and_bad_override():
 def test_config_diff_lists_changed_leaves():
     a, b = Config().to_dict(), load_config(None, ["rl.lr=1e-3"]).to_dict()
     assert config_diff(a, b) == [f"rl.lr: {a['rl']['lr']!r} -> 0.001"]
+
+
+def test_training_data_errors_name_file_line_and_field(tmp_path):
+    from pipeline.checks import PipelineError
+    from pipeline.data import map_rows, read_records
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "2"}\n')
+    with pytest.raises(PipelineError, match=r"d.jsonl:1: missing field 'problem'.*has \['answer', 'question'\]"):
+        map_rows(read_records(str(f)), load_config(None).data)
+    rows = map_rows(read_records(str(f)), load_config(None, ["data.prompt_field=question"]).data)
+    assert rows == [{"id": f"{f}:1", "problem": "1+1?", "answer": "2", "solution": ""}]
+    with pytest.raises(PipelineError, match="does not exist"):
+        read_records(str(tmp_path / "missing.jsonl"))
