@@ -123,3 +123,13 @@ def test_malformed_data_row_names_file_and_line(tmp_path):
     res = run_cli(tmp_path / "run", f"data.train={data}")
     assert res.returncode == 2
     assert f"{data}:2: not valid JSON" in res.stderr
+
+
+def test_standalone_rollout_stage_scores_samples_from_the_newest_checkpoint(reference):
+    res = run_cli(reference, "run.stages=[rollout]")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rl/final" in res.stdout
+    rows = [json.loads(x) for x in (reference / "rollout" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4  # rl.prompts_per_iteration held-out prompts x rollout.n_samples
+    assert all(r["reward"] == r["reward_components"]["math"] + 0.1 * r["reward_components"]["rouge_l"]
+               for r in rows)
