@@ -131,5 +131,6 @@ def test_standalone_rollout_stage_scores_samples_from_the_newest_checkpoint(refe
     assert "rl/final" in res.stdout
     rows = [json.loads(x) for x in (reference / "rollout" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 4  # rl.prompts_per_iteration held-out prompts x rollout.n_samples
-    assert all(r["reward"] == pytest.approx(r["reward_components"]["math"] + 0.1 * r["reward_components"]["rouge_l"])
-               for r in rows)
+    for r in rows:
+        parts = r["reward_components"]
+        assert r["reward"] == pytest.approx(parts["math"] + 0.1 * parts["rouge_l"])
