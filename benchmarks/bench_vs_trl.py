@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
 PROMPTS, SAMPLES, MAX_NEW_TOKENS = 16, 8, 48
+# what each run records per timed iteration: wall seconds, CPU seconds (suffix _cpu), generated tokens
+PHASES = ("rollout", "scoring", "training", "total", "rollout_cpu", "scoring_cpu", "training_cpu", "cpu", "tokens")
 
 
 def bench_config(model_dir: str, run_dir: str):
@@ -105,20 +107,21 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
                              model_path=rl.reward.embedding_model)
     prompts = iteration_rows(cfg, total)
-    rec: dict[str, list[float]] = {"rollout": [], "scoring": [], "training": [], "total": [], "cpu": [], "tokens": []}
+    rec: dict[str, list[float]] = {k: [] for k in PHASES}
     setup_rss = rss_mib()
     for it in range(total):
         c0, t0 = time.process_time(), time.perf_counter()
         batch = rl_stage.generate(ctx, engine, prompts[it], it)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         rl_stage.score(reward_fn, batch)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         tb, _ = rl_stage.advantages(ctx, backend, batch)
         rl_stage.update(ctx, backend, tb, it)
         rl_stage.sync_weights(backend, engine)
         t3, c3 = time.perf_counter(), time.process_time()
         if it >= warmup:
             for k, v in (("rollout", t1 - t0), ("scoring", t2 - t1), ("training", t3 - t2), ("total", t3 - t0),
+                         ("rollout_cpu", c1 - c0), ("scoring_cpu", c2 - c1), ("training_cpu", c3 - c2),
                          ("cpu", c3 - c0), ("tokens", sum(len(s.response_ids) for s in batch.samples))):
                 rec[k].append(v)
     ctx.log.close()
@@ -169,21 +172,21 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            self.gen_s: list[float] = []
-            self.reward_s: list[float] = []
+            self.gen_s: list[tuple[float, float]] = []  # (wall s, CPU s) per call
+            self.reward_s: list[tuple[float, float]] = []
             self.tokens: list[int] = []
 
         def _generate(self, prompts):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = super()._generate(prompts)
-            self.gen_s.append(time.perf_counter() - t)
+            self.gen_s.append((time.perf_counter() - t, time.process_time() - c))
             self.tokens.append(sum(len(ids) for ids in out[1]))  # out[1]: completion ids, one list per completion
             return out
 
         def _calculate_rewards(self, *a, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = super()._calculate_rewards(*a, **kw)
-            self.reward_s.append(time.perf_counter() - t)
+            self.reward_s.append((time.perf_counter() - t, time.process_time() - c))
             return out
 
     class StepClock(TrainerCallback):
@@ -213,10 +216,13 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
         raise RuntimeError(f"TRL ran {len(per_iter)} iterations with {len(trainer.gen_s)} generations; expected "
                            f"{total} of each (check steps_per_generation and max_steps)")
     sl = slice(warmup, total)
-    tr = [t - g - r for t, g, r in zip(per_iter, trainer.gen_s, trainer.reward_s)]
+    gen, rew = trainer.gen_s, trainer.reward_s
     return {"side": "trl", "threads": torch.get_num_threads(), "completions": PROMPTS * SAMPLES,
-            "trl_version": trl.__version__, "rollout": trainer.gen_s[sl], "scoring": trainer.reward_s[sl],
-            "training": tr[sl], "total": per_iter[sl], "cpu": cpu[sl], "tokens": trainer.tokens[sl],
+            "trl_version": trl.__version__, "total": per_iter[sl], "cpu": cpu[sl], "tokens": trainer.tokens[sl],
+            "rollout": [g[0] for g in gen[sl]], "scoring": [r[0] for r in rew[sl]],
+            "training": [t - g[0] - r[0] for t, g, r in zip(per_iter[sl], gen[sl], rew[sl])],
+            "rollout_cpu": [g[1] for g in gen[sl]], "scoring_cpu": [r[1] for r in rew[sl]],
+            "training_cpu": [t - g[1] - r[1] for t, g, r in zip(cpu[sl], gen[sl], rew[sl])],
             "setup_rss_mib": clock.setup_rss}
 
 
@@ -237,7 +243,7 @@ def child(args: argparse.Namespace) -> None:
 
 def summarise(res: dict) -> dict:
     n = len(res["total"])
-    mean = {k: sum(res[k]) / n for k in ("rollout", "scoring", "training", "total", "cpu", "tokens")}
+    mean = {k: sum(res[k]) / n for k in PHASES}
     return {**mean, "fastest": min(res["total"]), "completions_per_s": res["completions"] / mean["total"],
             "tokens_per_s": mean["tokens"] / mean["rollout"], "peak_rss_mib": res["peak_rss_mib"],
             "setup_rss_mib": res["setup_rss_mib"], "threads": res["threads"]}
@@ -312,7 +318,9 @@ def main() -> None:
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
     rows = [("s / iteration (wall, mean)", "total", 2), ("  rollout s", "rollout", 2), ("  scoring s", "scoring", 3),
             ("  training s", "training", 2), ("fastest iteration s (wall)", "fastest", 2),
-            ("CPU s / iteration (this process)", "cpu", 2), ("completions / s", "completions_per_s", 1),
+            ("CPU s / iteration (this process)", "cpu", 2), ("  rollout CPU s", "rollout_cpu", 2),
+            ("  scoring CPU s", "scoring_cpu", 3), ("  training CPU s", "training_cpu", 2),
+            ("completions / s", "completions_per_s", 1),
             ("generated tokens / iteration", "tokens", 0), ("rollout tokens / s", "tokens_per_s", 0),
             ("RSS after setup MiB", "setup_rss_mib", 0), ("peak RSS MiB", "peak_rss_mib", 0)]
     head = "| metric (median of runs) | " + " | ".join(sides) + (" | TRL / ours |" if len(sides) == 2 else " |")
