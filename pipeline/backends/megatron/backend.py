@@ -16,11 +16,11 @@ shards (element-wise, so sharded AdamW equals unsharded AdamW) with the torch ba
 Options (``BackendConfig``): ``bf16`` makes the model's parameters and pipeline activations bf16, with fp32 master
 weights for the optimizer (:mod:`.optim`); ``recompute_activations`` is megatron-core's full uniform recomputation;
 ``distributed_optimizer`` partitions the AdamW state over data-parallel ranks (ZeRO-1, torch's
-``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``); ``colocate_rollout`` moves the
-optimizer state and reference model to the host around rollouts (CUDA only). All but the last, and TP/PP/DP, are
+``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``); ``sequence_parallel`` splits
+the activations outside attention and MLP along the sequence over TP ranks (sequences padded to a multiple of TP);
+``colocate_rollout`` moves the optimizer state and reference model to the host around rollouts (CUDA only). All but the last, and TP/PP/DP, are
 tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend, untested here (no
 GPU).
-``sequence_parallel`` is refused by :meth:`validate_config` (see there).
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class MegatronBackend(TrainingBackend):
         self.is_main = dist.get_rank() == 0
 
         self.precision = Precision(params_dtype=torch.bfloat16 if b.bf16 else torch.float32,
-                                   recompute_activations=b.recompute_activations)
+                                   recompute_activations=b.recompute_activations,
+                                   sequence_parallel=b.sequence_parallel)
         hf_state = weights.read_hf_state(model_path)
         self.model, shard = self._build(hf_state)
         self.model.train()
@@ -110,7 +111,7 @@ class MegatronBackend(TrainingBackend):
     # --- config-time checks -------------------------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        """Refuse layouts the model or the world cannot take, and options this backend does not run."""
+        """Refuse layouts the model or the world cannot take (at config time, naming the numbers)."""
         b = cfg.backend
         heads, kv_heads, layers = _model_shape(cfg)
         try:
@@ -120,12 +121,6 @@ class MegatronBackend(TrainingBackend):
             from pipeline.config import ConfigError
 
             raise ConfigError(f"backend: {e}") from None
-        from pipeline.config import ConfigError
-
-        if b.sequence_parallel:
-            raise ConfigError("backend.sequence_parallel=true needs Transformer Engine layer specs (megatron-core's "
-                              "torch RMSNorm refuses sequence parallelism), which this backend does not map yet; "
-                              "set backend.sequence_parallel=false")
 
     # --- batches -> this rank's micro-batches -------------------------------------------------------------------------
     def _dp_share(self, batch: TokenBatch) -> TokenBatch:

@@ -37,6 +37,8 @@ SUPPORTED = ((0, 16),)
 PATCHED_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # get_emb moves inv_freq to current_device()
     "megatron.core.tensor_parallel.mappings",  # TP all-gather output buffers (gather_from_tensor_model_parallel_region)
+    "megatron.core.tensor_parallel.layers",  # sequence parallelism: all-gather buffers in the linear backward
+    "megatron.core.utils",  # sequence parallelism: GlobalMemoryBuffer (the linear layers' all-gather scratch)
     "megatron.core.tensor_parallel.random",  # RNG tracker: torch.cuda.get/set_rng_state, manual_seed
     "megatron.core.pipeline_parallel.p2p_communication",  # shape/activation buffers, synchronize()
     "megatron.core.pipeline_parallel.schedules",  # device="cuda" token counters

@@ -102,6 +102,16 @@ def hf_inv_freq(hf_config) -> torch.Tensor:
     return inv_freq.float()
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with megatron-core's norm-spec constructor. Unlike megatron's ``WrappedTorchNorm`` it
+    allows sequence parallelism: the weight is then marked ``sequence_parallel`` so that its gradient, computed from
+    this rank's part of the sequence, is summed over the TP group (:mod:`.grads`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
 @dataclass(frozen=True)
 class Precision:
     """Numerics options that change how the model is built: the parameter (and pipeline activation) dtype, e.g.
@@ -109,6 +119,7 @@ class Precision:
 
     params_dtype: torch.dtype = torch.float32
     recompute_activations: bool = False
+    sequence_parallel: bool = False  # only takes effect with tp > 1
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision):
@@ -122,6 +133,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision):
         add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=precision.sequence_parallel and tp > 1,
         params_dtype=precision.params_dtype, pipeline_dtype=precision.params_dtype,
         bf16=precision.params_dtype == torch.bfloat16,
         use_cpu_initialization=True, perform_initialization=False,  # weights always come from a checkpoint
@@ -136,15 +148,21 @@ def transformer_config(arch: Arch, tp: int, pp: int, precision: Precision):
     )
 
 
-def layer_spec(arch: Arch):
-    """megatron-core's local GPT layer spec with SDPA as the core attention (the documented spec mechanism)."""
+def block_spec(arch: Arch, config):
+    """megatron-core's local GPT layer spec, through its own spec mechanism, with two modules swapped: SDPA as the
+    core attention and :class:`RMSNorm` for every norm (layer, QK and final), for this stage's layers."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     from pipeline.backends.megatron.attention import SDPAttention
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    layer, attn = spec.submodules, spec.submodules.self_attention.submodules
+    attn.core_attention = SDPAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if arch.qk_norm:
+        attn.q_layernorm = attn.k_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def build_model(arch: Arch, hf_config, tp: int, pp: int, precision: Precision = Precision()):
@@ -160,7 +178,7 @@ def build_model(arch: Arch, hf_config, tp: int, pp: int, precision: Precision = 
 
     config = transformer_config(arch, tp, pp, precision)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(arch), vocab_size=arch.padded_vocab(tp),
+        config=config, transformer_layer_spec=block_spec(arch, config), vocab_size=arch.padded_vocab(tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings and pp == 1,

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from lampo.record import TokenBatch
@@ -27,22 +28,26 @@ def run_schedule(model: torch.nn.Module, micro_batches: list[TokenBatch], loss_f
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.config.calculate_per_token_loss = True
+    config = model.config
+    config.calculate_per_token_loss = True
     one = torch.ones((), dtype=torch.int, device=micro_batches[0].input_ids.device)
+    # sequence parallelism splits the sequence over TP ranks: pad it to a multiple of TP (right padding is inert)
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
 
     def forward_step(data_iterator, model_chunk):
         mb: TokenBatch = next(data_iterator)
         b, t = mb.input_ids.shape
-        position_ids = torch.arange(t, device=mb.input_ids.device).expand(b, t)  # right padding: 0..T-1
-        output = model_chunk(mb.input_ids, position_ids, None)  # last stage: (b, T, Vp/tp); else hidden (T, b, H)
+        ids = F.pad(mb.input_ids, (0, -t % multiple))  # (b, T') with T' a multiple of `multiple`
+        position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # right padding: 0..T'-1
+        output = model_chunk(ids, position_ids, None)  # last stage: (b, T', Vp/tp); else hidden states
 
         def loss_func(logits: Tensor):
-            loss, metrics = loss_fn(logits, mb)
+            loss, metrics = loss_fn(logits[:, :t], mb)
             return loss, one, metrics
 
         return output, loss_func
 
-    seq_len = max(mb.input_ids.shape[1] for mb in micro_batches)
+    seq_len = max(-(-mb.input_ids.shape[1] // multiple) * multiple for mb in micro_batches)
     out = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches), seq_length=seq_len,
