@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lampo.record import TokenBatch, check_finite
+from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import merge_metrics, policy_kwargs, rng_state, set_rng_state, warmup_cosine
+from pipeline.backends.common import merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
 from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron.model import Arch, Precision, arch_from_hf, build_model
@@ -49,6 +49,8 @@ from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_s
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+
+SHARE = "_loss_share"  # a micro-batch's additive share of the batch loss, carried beside its metrics
 
 
 class MegatronBackend(TrainingBackend):
@@ -177,34 +179,26 @@ class MegatronBackend(TrainingBackend):
 
         def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
             lp, _ = self._per_token(logits, mb, entropy=False)
-            loss = -(lp * mb.response_mask).sum() / num_tokens
-            check_finite("SFT loss", loss.detach())
-            return loss, {"loss": loss.detach().item()}
+            loss = sft_loss(lp, mb, num_tokens)
+            return loss, {SHARE: loss.item()}
 
         parts = self._train(batch, loss_fn)
-        return {"loss": sum(m["loss"] for _, m in parts), **self._optimizer_step()}
+        return {"loss": sum(m[SHARE] for _, m in parts), **self._optimizer_step()}
 
     def rl_step(self, batch: TokenBatch) -> dict[str, float]:
-        from lampo.losses import policy_objective
-
         if batch.old_logprobs is None or batch.advantages is None:
             raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        algo = self.cfg.rl.algorithm
-        kwargs = policy_kwargs(algo, max_len=self.cfg.rollout.max_new_tokens)
         num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
 
         def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
             lp, ent = self._per_token(logits, mb, entropy=True)
-            if algo.entropy_coef == 0:
-                ent = ent.detach()
-            loss, metrics = policy_objective(lp, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                             ref_logprobs=mb.ref_logprobs, entropy=ent, num_tokens=num_tokens,
-                                             num_seqs=len(batch), **kwargs)
-            metrics["loss"] = loss.item() * num_tokens / max(1.0, mb.response_mask.sum().item())
-            return loss, metrics
+            loss, metrics = rl_loss(lp, ent, mb, self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens,
+                                    num_tokens=num_tokens, num_seqs=len(batch))
+            return loss, {**metrics, SHARE: loss.item()}
 
         parts = self._train(batch, loss_fn)
-        return {**merge_metrics(parts), **self._optimizer_step()}
+        total = sum(m.pop(SHARE) for _, m in parts)  # the loss is the exact sum of the micro-batch shares
+        return {**merge_metrics(parts), "loss": total, **self._optimizer_step()}
 
     def _train(self, batch: TokenBatch, loss_fn) -> list[tuple[float, dict[str, float]]]:
         """Forward and backward over this rank's micro-batches; returns ``(response tokens, metrics)`` of every
