@@ -40,3 +40,15 @@ def test_load_config_runs_the_backend_check(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="pipeline_parallel=3"):
         load_config(None, ["backend=megatron", "pipeline_parallel=3", "tensor_parallel=1"])
+
+
+def test_unmapped_model_family_is_refused_at_config_time(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 4,
+                                                      "num_hidden_layers": 2}))
+    cfg = _cfg(1, 1)
+    cfg.model.path = str(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="'gpt2' model"):
+        MegatronBackend.validate_config(cfg)

@@ -40,7 +40,7 @@ from pipeline.backends.base import TrainingBackend
 from pipeline.backends.common import merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
 from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
-from pipeline.backends.megatron.model import Arch, Precision, arch_from_hf, build_model
+from pipeline.backends.megatron.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
 from pipeline.backends.megatron.optim import MasterWeights
 from pipeline.backends.megatron.reshard import reshard, shard_file
 from pipeline.backends.megatron.parallel import Layout, check_layout, init_parallel, layout_for_world, \
@@ -342,5 +342,10 @@ def _model_shape(cfg: Config) -> tuple[int, int, int]:
     if not config_json.is_file():  # a hub id: the shape is checked again when the backend is built
         return 1, 1, 1
     c = json.loads(config_json.read_text())
+    if c.get("model_type") not in FAMILIES:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"model.path={cfg.model.path!r} is a {c.get('model_type')!r} model; backend=megatron maps "
+                          f"{', '.join(sorted(FAMILIES))} - use backend=torch or backend=deepspeed for it")
     heads = c["num_attention_heads"]
     return heads, c.get("num_key_value_heads") or heads, c["num_hidden_layers"]

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-             "phi3": "Phi3ForCausalLM"}
+FAMILIES = ("qwen2", "qwen3", "llama", "phi3")  # HF model_type values this backend maps
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -50,8 +49,8 @@ class Arch:
 def arch_from_hf(hf_config) -> Arch:
     """Read an :class:`Arch` from a ``transformers`` config; refuse families or options this backend cannot map."""
     mt = hf_config.model_type
-    if mt not in _FAMILIES:
-        raise ValueError(f"the megatron backend maps model_type {sorted(_FAMILIES)}, not {mt!r}; "
+    if mt not in FAMILIES:
+        raise ValueError(f"the megatron backend maps model_type {sorted(FAMILIES)}, not {mt!r}; "
                          "use backend=torch or backend=deepspeed for this model")
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
