@@ -42,9 +42,9 @@ from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
 from pipeline.backends.megatron.optim import MasterWeights
+from pipeline.backends.megatron.parallel import (Layout, check_layout, init_parallel, layout_for_world,
+                                                 world_size_from_env)
 from pipeline.backends.megatron.reshard import reshard, shard_file
-from pipeline.backends.megatron.parallel import Layout, check_layout, init_parallel, layout_for_world, \
-    world_size_from_env
 from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
 
 if TYPE_CHECKING:
@@ -63,13 +63,13 @@ class MegatronBackend(TrainingBackend):
         self.model_path = Path(model_path)
         b = cfg.backend
         self.use_cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
         self.hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.model.trust_remote_code)
         self.arch: Arch = arch_from_hf(self.hf_config)
         self.layout: Layout = layout_for_world(b.tensor_parallel, b.pipeline_parallel, world_size_from_env())
         check_layout(self.layout, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
                      num_layers=self.arch.num_layers, world_size=world_size_from_env())
-        init_parallel(self.layout, seed=cfg.run.seed, use_cuda=self.use_cuda)
+        init_parallel(self.layout, seed=cfg.run.seed, use_cuda=self.use_cuda)  # also picks this rank's GPU
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.is_main = dist.get_rank() == 0
