@@ -1,4 +1,5 @@
-"""Test helpers: tiny random HF checkpoints, and running a function in N gloo processes on CPU."""
+"""Test helpers: tiny random HF checkpoints, and running a function in N processes (gloo on CPU; NCCL when there
+are at least N GPUs)."""
 from __future__ import annotations
 
 import os
@@ -63,7 +64,10 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    on_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= world  # else: CPU and gloo
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     try:
         result = fn(*args)
         torch.save(result, Path(out) / f"{rank}.pt")

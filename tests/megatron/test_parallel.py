@@ -73,9 +73,9 @@ def steps(backend, batch) -> dict:
     out = {"logprobs": backend.token_logprobs(batch)}
     ref = backend.token_logprobs(batch, reference=True)
     out["sft"] = backend.sft_step(batch)
-    out["w_sft"] = {k: v.clone() for k, v in backend.named_full_tensors()}
+    out["w_sft"] = {k: v.detach().cpu().clone() for k, v in backend.named_full_tensors()}
     out["rl"] = backend.rl_step(rl_batch(batch, out["logprobs"], ref))
-    out["w_rl"] = {k: v.clone() for k, v in backend.named_full_tensors()}
+    out["w_rl"] = {k: v.detach().cpu().clone() for k, v in backend.named_full_tensors()}
     return out
 
 
@@ -91,10 +91,13 @@ def _logits(ckpt: str, ids: torch.Tensor, tp: int, pp: int):
     from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
     from pipeline.backends.megatron.weights import load_into, read_hf_state
 
-    init_parallel(layout_for_world(tp, pp, dist.get_world_size()), seed=0, use_cuda=False)
+    use_cuda = dist.get_backend() == "nccl"
+    init_parallel(layout_for_world(tp, pp, dist.get_world_size()), seed=0, use_cuda=use_cuda)
     config = AutoConfig.from_pretrained(ckpt)
     arch = arch_from_hf(config)
     model = build_model(arch, config, tp, pp)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    ids = ids.to(device)
     load_into(model, read_hf_state(ckpt), arch, tp, pp, ps.get_tensor_model_parallel_rank(),
               ps.get_pipeline_model_parallel_rank())
     ones = torch.ones_like(ids)
@@ -102,12 +105,12 @@ def _logits(ckpt: str, ids: torch.Tensor, tp: int, pp: int):
 
     def loss_fn(logits, mb):
         full = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size]  # (b, T, V): test only
-        return logits.sum() * 0.0, {"logits": full.detach()}
+        return logits.sum() * 0.0, {"logits": full.detach().cpu()}
 
     with torch.no_grad():
-        out = run_schedule(model, mbs, loss_fn, forward_only=True)
+        out = run_schedule(model.to(device), mbs, loss_fn, forward_only=True)
     local = torch.cat([o["logits"] for o in out]) if out else None
-    return broadcast_from_last_stage(local, (*ids.shape, arch.vocab_size))
+    return broadcast_from_last_stage(local, (*ids.shape, arch.vocab_size)).cpu()
 
 
 def _worker(ckpts: dict[str, str], ids: torch.Tensor, batch) -> dict:
