@@ -18,9 +18,9 @@ weights for the optimizer (:mod:`.optim`); ``recompute_activations`` is megatron
 ``distributed_optimizer`` partitions the AdamW state over data-parallel ranks (ZeRO-1, torch's
 ``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``); ``sequence_parallel`` splits
 the activations outside attention and MLP along the sequence over TP ranks (sequences padded to a multiple of TP);
-``colocate_rollout`` moves the optimizer state and reference model to the host around rollouts (CUDA only). All but the last, and TP/PP/DP, are
-tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend, untested here (no
-GPU).
+``colocate_rollout`` moves the optimizer state and reference model to the host around rollouts (CUDA only). All but
+the last, and TP/PP/DP, are tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group
+backend, untested here (no GPU).
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 :class:`Arch` is the small, framework-neutral description of a decoder that both sides of the weight conversion
 share; :func:`arch_from_hf` reads it from a Hugging Face config (Qwen2/2.5, Qwen3, Llama 3, Phi-3 without sliding
 window or partial rotary; other families are refused with a message). :func:`build_model` turns it into
-megatron-core's ``GPTModel`` with the local layer spec (RMSNorm, SwiGLU, RoPE, optional QKV bias and QK-norm) and :class:`~pipeline.backends.megatron.attention.SDPAttention` as core
-attention, for the pipeline stage and tensor-parallel rank of the calling process (parallel state must be initialised;
-degree 1 is the same code).
+megatron-core's ``GPTModel`` with the local layer spec (RMSNorm, SwiGLU, RoPE, optional QKV bias and QK-norm) and
+:class:`~pipeline.backends.megatron.attention.SDPAttention` as core attention, for the pipeline stage and
+tensor-parallel rank of the calling process (parallel state must be initialised; degree 1 is the same code).
 
 RoPE frequencies are taken from Hugging Face's own RoPE initialisation for the config (default, ``linear`` and
 ``llama3`` scaling), then written into megatron's rotary module, so scaled RoPE matches HF exactly instead of
