@@ -52,6 +52,15 @@ class Context:
                 return self.rd.path(st.output)
         return self.base_model
 
+    def begin_stage(self, backend: TrainingBackend, st: StageState, unit: str) -> None:
+        """Resume ``backend`` from the stage's last checkpoint, if any, and mark the stage running."""
+        if st.checkpoint:
+            backend.load(self.rd.path(st.checkpoint))
+            self.log.print(f"[{st.name}] resumed from {st.checkpoint} ({unit} {st.step})")
+        st.status = "running"
+        if dist.is_main():
+            self.rd.save_state(st)
+
     def save_checkpoint(self, backend: TrainingBackend, st: StageState, step: int, keep: int = 2) -> None:
         """Write ``<stage>/checkpoints/step_N`` atomically on every rank, then point the stage state at it."""
         folder = self.rd.path(st.name, "checkpoints")

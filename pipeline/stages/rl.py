@@ -108,12 +108,7 @@ def run(ctx: Context) -> None:
         cfg, start, lr=rl.lr, total_steps=rl.iterations * steps_per_iter, warmup_steps=rl.warmup_steps,
         min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     engine = engine_class(cfg.rollout.engine)(start, ctx.tokenizer, cfg) if dist.is_main() else None
-    if st.checkpoint:
-        backend.load(rd.path(st.checkpoint))
-        ctx.log.print(f"[rl] resumed from {st.checkpoint} (iteration {st.step})")
-    st.status = "running"
-    if dist.is_main():
-        rd.save_state(st)
+    ctx.begin_stage(backend, st, "iteration")
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
                              model_path=rl.reward.embedding_model) if dist.is_main() else None
     rows = load_rows(cfg, "train")

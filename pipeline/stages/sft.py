@@ -56,12 +56,7 @@ def run(ctx: Context) -> None:
     backend = backend_class(cfg.backend.name)(
         cfg, ctx.stage_input("sft"), lr=sft.lr, total_steps=sft.steps, warmup_steps=sft.warmup_steps,
         min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
-    if st.checkpoint:
-        backend.load(rd.path(st.checkpoint))
-        ctx.log.print(f"[sft] resumed from {st.checkpoint} (step {st.step})")
-    st.status = "running"
-    if dist.is_main():
-        rd.save_state(st)
+    ctx.begin_stage(backend, st, "step")
     prompts, responses = build_examples(ctx)
     bar = tqdm(range(st.step, sft.steps), desc="sft", initial=st.step, total=sft.steps,
                disable=not (cfg.run.progress and dist.is_main()))
