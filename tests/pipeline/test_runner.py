@@ -21,7 +21,8 @@ SMALL = [
     "sft.steps=12", "sft.checkpoint_every=4", "sft.warmup_steps=2", "sft.batch_size=8",
     "rl.iterations=3", "rl.prompts_per_iteration=4", "rollout.n_samples=4", "rl.mini_batch_size=8",
     "rl.checkpoint_every=1", "rollout.max_new_tokens=24", "rollout.batch_size=16", "backend.micro_batch_size=8",
-    "rl.reward.dense=rouge_l", "eval.limit=6", "eval.max_new_tokens=24", "data.tiny_train_size=200",
+    "rl.reward.dense=rouge_l", "rl.reward.alpha=0.5", "eval.limit=6", "eval.max_new_tokens=24",
+    "data.tiny_train_size=200",
 ]
 
 
@@ -133,4 +134,4 @@ def test_standalone_rollout_stage_scores_samples_from_the_newest_checkpoint(refe
     assert len(rows) == 4 * 4  # rl.prompts_per_iteration held-out prompts x rollout.n_samples
     for r in rows:
         parts = r["reward_components"]
-        assert r["reward"] == pytest.approx(parts["math"] + 0.1 * parts["rouge_l"])
+        assert r["reward"] == pytest.approx(parts["math"] + 0.5 * parts["rouge_l"])
