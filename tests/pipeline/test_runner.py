@@ -107,6 +107,15 @@ def test_changed_config_is_refused_with_the_difference(reference):
     assert (reference / "config.yaml").read_text() == before
 
 
+def test_from_stage_reruns_that_stage_and_later_only(reference):
+    summary = (reference / "eval" / "summary.md").read_text()
+    res = run_cli(reference, "--from-stage", "evaluate")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[sft] already done" in res.stdout and "[rl] already done" in res.stdout
+    assert "Held-out evaluation" in res.stdout  # evaluated again, from scratch (its old outputs were removed)
+    assert (reference / "eval" / "summary.md").read_text() == summary
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["model.path=/no/such/model"], "model path '/no/such/model' does not exist"),
     (["rl.algorithm.advantage=nope"], "rl.algorithm.advantage='nope' is not one of"),
