@@ -11,7 +11,7 @@ from torch import Tensor
 from lampo.record import TokenBatch, check_finite
 
 if TYPE_CHECKING:
-    from pipeline.config import AlgorithmConfig
+    from pipeline.config import AlgorithmConfig, Config
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -71,6 +71,12 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
     return policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs,
                             entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
                             **policy_kwargs(algo, max_len=max_len))
+
+
+def adamw_options(cfg: Config) -> dict[str, Any]:
+    """AdamW's betas and eps from ``backend.*``: every backend builds the same optimizer."""
+    b = cfg.backend
+    return {"betas": (b.adam_beta1, b.adam_beta2), "eps": b.adam_eps}
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:

@@ -12,7 +12,7 @@ One ``sft_step``/``rl_step`` is one optimizer step on the GLOBAL batch it is giv
 * the accumulation boundary is set by hand on the last micro-batch, so a batch of any size is one optimizer step;
   ``gradient_accumulation_steps`` in the DeepSpeed config is updated to the real count every step for its bookkeeping.
 
-Optimizer and schedule: AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay) built by DeepSpeed from its config:
+Optimizer and schedule: AdamW (``backend.adam_*`` betas and eps, decoupled weight decay) built by DeepSpeed from its config:
 ``torch.optim.AdamW`` normally, DeepSpeed's CPU Adam in AdamW mode when ``backend.offload_optimizer`` is on (that op is
 compiled on first use). The LR follows :func:`~pipeline.backends.common.warmup_cosine` through a ``LambdaLR`` that
 DeepSpeed steps at each optimizer step; gradient clipping is DeepSpeed's ``gradient_clipping``.
@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lampo.record import TokenBatch, check_finite
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
+from pipeline.backends.common import (adamw_options, entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
 from pipeline.models import load_hf_model
 
@@ -155,6 +155,7 @@ class DeepSpeedBackend(TrainingBackend):
         largest = max(cfg.sft.batch_size, cfg.rl.mini_batch_size)
         gas = max(1, math.ceil(largest / (self.micro * self.world)))
         zero: dict[str, Any] = {"stage": b.zero_stage}
+        adam = adamw_options(cfg)
         if b.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         return {
@@ -163,7 +164,7 @@ class DeepSpeedBackend(TrainingBackend):
             "train_batch_size": self.micro * gas * self.world,
             "gradient_clipping": b.grad_clip,
             "optimizer": {"type": "AdamW", "params": {
-                "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay,
+                "lr": lr, "betas": list(adam["betas"]), "eps": adam["eps"], "weight_decay": weight_decay,
                 "torch_adam": not b.offload_optimizer}},
             "zero_optimization": zero,
             "bf16": {"enabled": self.bf16, "check_grad_overflow": True},  # skip (and report) inf/NaN steps

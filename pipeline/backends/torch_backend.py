@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
+from pipeline.backends.common import (adamw_options, entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
 from pipeline.models import load_hf_model
 
@@ -32,7 +32,7 @@ class TorchBackend(TrainingBackend):
         self.reference = None
         if reference:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, **adamw_options(cfg),
                                            weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

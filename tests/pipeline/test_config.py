@@ -41,6 +41,7 @@ def test_bare_leaf_and_section_keys_resolve():
     (["sft.lr=abc"], "sft.lr: expected a number"),
     (["run.stages=[sft,train]"], "run.stages[]='train'"),
     (["rl.algorithm.clip_low=1.5"], "clip_low=1.5 must be below 1"),
+    (["backend.adam_beta2=1.0"], "backend.adam_beta2=1.0 must be in [0, 1)"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -108,3 +108,9 @@ def test_nan_loss_is_refused_without_update(ckpt):
         b.rl_step(batch)
     for k, v in weights(b).items():
         assert torch.equal(v, before[k])
+
+
+def test_adam_options_come_from_the_config(ckpt):
+    b = make_backend(ckpt, 6, **{"backend.adam_beta2": 0.95, "backend.adam_eps": 1e-6})
+    group = b.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-6

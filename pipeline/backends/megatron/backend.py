@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
+from pipeline.backends.common import adamw_options, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
 from pipeline.backends.megatron import weights
 from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
@@ -96,7 +96,7 @@ class MegatronBackend(TrainingBackend):
         from megatron.core import parallel_state as ps
 
         params = self.master.params()
-        kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        kw = dict(lr=lr, weight_decay=weight_decay, **adamw_options(self.cfg))
         if self.cfg.backend.distributed_optimizer and self.layout.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
