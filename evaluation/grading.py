@@ -1,6 +1,6 @@
 """Graders, by name: thin adapters over the project's one answer checker in :mod:`lampo.rewards`.
 
-Evaluation never grades on its own: ``math`` uses ``lampo.rewards.math.extract_answer`` and ``is_equivalent`` (the
+Evaluation never grades on its own: ``math`` uses ``lampo.rewards.math_answer.extract_answer`` and ``is_equivalent`` (the
 same code that scores RL rewards, so an evaluation accuracy and a training reward mean the same thing), ``choice``
 uses ``lampo.rewards.choice.extract_choice``. The imports are lazy so that loading benchmarks does not pull in the
 symbolic-math stack.
@@ -39,7 +39,7 @@ class MathGrader(Grader):
     """Final answer in ``\\boxed{}`` (or the extractor's other patterns), compared to the gold answer symbolically."""
 
     def grade(self, response: str, gold: str, timeout_s: float) -> Grade:
-        from lampo.rewards.math import extract_answer
+        from lampo.rewards.math_answer import extract_answer
 
         pred = extract_answer(response)
         if pred is None:
@@ -55,7 +55,7 @@ class MathGrader(Grader):
 def _compare(pred: str, gold: str, timeout_s: float) -> tuple[bool, str | None]:
     """``is_equivalent``, memoised: the k samples of a problem often repeat one answer, and each uncached comparison
     may cost a round trip to the math-verify worker."""
-    from lampo.rewards.math import is_equivalent
+    from lampo.rewards.math_answer import is_equivalent
 
     ok, err = is_equivalent(pred, gold, timeout_s=timeout_s)
     return bool(ok), err

@@ -30,6 +30,18 @@ KILL_GRACE_S = 1.0  # how long past timeout_s the parent waits before killing th
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine can take a while
 
 
+def worker_command() -> list[str]:
+    """How the child is started: this file run as a script, because the child needs only the standard library and
+    math-verify, not the lampo package (whose reward modules pull in rouge-score, nltk, ...).
+
+    ``-P`` (Python 3.11+) keeps the script's own folder off ``sys.path``: without it ``lampo/rewards/`` would come
+    first on the path and any module there named like a standard-library module would replace it for the child (it
+    happened: a ``math.py`` here broke ``import selectors`` in every fresh virtual environment). The command names no
+    relative path, so it works from any working directory.
+    """
+    return [sys.executable, "-P", str(Path(__file__).resolve())]
+
+
 class VerifyWorker:
     """A persistent child process that runs math-verify; see the module docstring."""
 
@@ -46,10 +58,7 @@ class VerifyWorker:
         env["LAMPO_VERIFY_MEMORY_MB"] = str(self.memory_limit_mb)
         env.setdefault("OMP_NUM_THREADS", "1")
         self._proc = subprocess.Popen(
-            # run this file as a script: the child needs only the standard library and math-verify, not the
-            # lampo package (whose reward modules pull in rouge-score, nltk, ...)
-            [sys.executable, str(Path(__file__).resolve())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
+            worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
         )
         self._buf = b""
         line = self._read_line(STARTUP_TIMEOUT_S)

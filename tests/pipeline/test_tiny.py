@@ -79,7 +79,7 @@ def test_solutions_are_correct_chains_ending_in_the_boxed_answer(train_rows, hel
 
 
 def test_the_project_math_reward_grades_reference_solutions_correct(heldout_rows):
-    from lampo.rewards.math import extract_answer, is_equivalent
+    from lampo.rewards.math_answer import extract_answer, is_equivalent
 
     for r in heldout_rows[:50]:
         assert extract_answer(r["solution"]) == r["answer"]

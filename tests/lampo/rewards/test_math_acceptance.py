@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lampo.rewards.math import MathReward, normalize_answer
+from lampo.rewards.math_answer import MathReward, normalize_answer
 
 DATA = Path(os.environ.get("LAMPO_SHARED_DATA", Path(__file__).resolve().parents[3] / "../shared/data"))
 SETS = ["math500", "aime24", "aime25", "gsm8k_test"]

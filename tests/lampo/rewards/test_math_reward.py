@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lampo.rewards.math import MathReward, extract_answer, is_equivalent, normalize_answer
+from lampo.rewards.math_answer import MathReward, extract_answer, is_equivalent, normalize_answer
 from lampo.rewards.verify_worker import VerifyWorker, shared_worker
 
 
