@@ -10,7 +10,7 @@ from pipeline.backends.base import TrainingBackend
 BACKENDS: Registry[str] = Registry("training backend")
 BACKENDS.register("torch")("pipeline.backends.torch_backend:TorchBackend")
 BACKENDS.register("deepspeed")("pipeline.backends.deepspeed_backend:DeepSpeedBackend")
-BACKENDS.register("megatron")("pipeline.backends.megatron.backend:MegatronBackend")
+BACKENDS.register("megatron")("pipeline.backends.megatron_backend.backend:MegatronBackend")
 
 
 def backend_class(name: str) -> type[TrainingBackend]:

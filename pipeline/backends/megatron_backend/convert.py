@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from pipeline.backends.megatron.model import Arch
+from pipeline.backends.megatron_backend.model import Arch
 
 _ATTN = "self_attention"
 #: per-layer tensors copied unchanged (replicated over tensor-parallel ranks): megatron suffix -> HF suffix

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.backends.megatron.backend import MegatronBackend
+from pipeline.backends.megatron_backend.backend import MegatronBackend
 from pipeline.config import Config, ConfigError
 
 

@@ -38,14 +38,14 @@ from torch import Tensor
 from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
 from pipeline.backends.common import adamw_options, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
-from pipeline.backends.megatron import weights
-from pipeline.backends.megatron.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
-from pipeline.backends.megatron.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
-from pipeline.backends.megatron.optim import MasterWeights
-from pipeline.backends.megatron.parallel import (Layout, check_layout, init_parallel, layout_for_world,
+from pipeline.backends.megatron_backend import weights
+from pipeline.backends.megatron_backend.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
+from pipeline.backends.megatron_backend.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
+from pipeline.backends.megatron_backend.optim import MasterWeights
+from pipeline.backends.megatron_backend.parallel import (Layout, check_layout, init_parallel, layout_for_world,
                                                  world_size_from_env)
-from pipeline.backends.megatron.reshard import reshard, shard_file
-from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
+from pipeline.backends.megatron_backend.reshard import reshard, shard_file
+from pipeline.backends.megatron_backend.schedule import broadcast_from_last_stage, run_schedule
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -216,7 +216,7 @@ class MegatronBackend(TrainingBackend):
         return [p for part in gathered for p in part]
 
     def _optimizer_step(self) -> dict[str, float]:
-        from pipeline.backends.megatron.grads import clip_grad_norm, sync_grads
+        from pipeline.backends.megatron_backend.grads import clip_grad_norm, sync_grads
 
         sync_grads(self.model, self.layout)
         self.master.grads_to_master()

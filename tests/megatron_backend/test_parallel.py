@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.megatron.harness import make_checkpoint, run_distributed
+from tests.megatron_backend.harness import make_checkpoint, run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) in a world of 2; (1, 1) runs with data_parallel=2
 #: backend runs compared with the torch backend: name -> (tp, pp, backend options)
@@ -86,10 +86,10 @@ def _logits(ckpt: str, ids: torch.Tensor, tp: int, pp: int):
     from transformers import AutoConfig
 
     from lampo.record import TokenBatch
-    from pipeline.backends.megatron.model import arch_from_hf, build_model
-    from pipeline.backends.megatron.parallel import init_parallel, layout_for_world
-    from pipeline.backends.megatron.schedule import broadcast_from_last_stage, run_schedule
-    from pipeline.backends.megatron.weights import load_into, read_hf_state
+    from pipeline.backends.megatron_backend.model import arch_from_hf, build_model
+    from pipeline.backends.megatron_backend.parallel import init_parallel, layout_for_world
+    from pipeline.backends.megatron_backend.schedule import broadcast_from_last_stage, run_schedule
+    from pipeline.backends.megatron_backend.weights import load_into, read_hf_state
 
     use_cuda = dist.get_backend() == "nccl"
     init_parallel(layout_for_world(tp, pp, dist.get_world_size()), seed=0, use_cuda=use_cuda)
@@ -117,7 +117,7 @@ def _worker(ckpts: dict[str, str], ids: torch.Tensor, batch) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from pipeline.backends.megatron.backend import MegatronBackend
+    from pipeline.backends.megatron_backend.backend import MegatronBackend
 
     results: dict = {}
     for tp, pp in LAYOUTS:
@@ -222,7 +222,7 @@ def assert_weights_close(got: dict, want: dict, atol: float = 1e-5) -> None:
 
 def test_the_steps_change_the_weights(torch_steps, ckpts):
     """Guards the parity tests against comparing two untouched copies of the initial weights."""
-    from pipeline.backends.megatron.weights import read_hf_state
+    from pipeline.backends.megatron_backend.weights import read_hf_state
 
     init = read_hf_state(ckpts["qwen2"])
     delta = max((torch_steps["w_sft"][k] - v).abs().max().item() for k, v in init.items())

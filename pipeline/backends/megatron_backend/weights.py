@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.backends.megatron import convert
-from pipeline.backends.megatron.model import Arch
-from pipeline.backends.megatron.parallel import Layout
+from pipeline.backends.megatron_backend import convert
+from pipeline.backends.megatron_backend.model import Arch
+from pipeline.backends.megatron_backend.parallel import Layout
 
 
 def read_hf_state(path: str | Path) -> dict[str, Tensor]:

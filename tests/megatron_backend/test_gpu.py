@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from tests.megatron.harness import make_checkpoint, run_distributed
-from tests.megatron.test_parallel import LR, assert_weights_close, make_batch, make_cfg, steps
+from tests.megatron_backend.harness import make_checkpoint, run_distributed
+from tests.megatron_backend.test_parallel import LR, assert_weights_close, make_batch, make_cfg, steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,7 +22,7 @@ QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
 
 
 def _fp32_steps(ckpt: str) -> dict:
-    from pipeline.backends.megatron.backend import MegatronBackend
+    from pipeline.backends.megatron_backend.backend import MegatronBackend
 
     backend = MegatronBackend(make_cfg(1, 1), ckpt, lr=LR, total_steps=10, reference=True)
     return steps(backend, make_batch())
@@ -30,7 +30,7 @@ def _fp32_steps(ckpt: str) -> dict:
 
 def _bf16_timing(ckpt: str, n: int = 3) -> dict:
     from lampo.record import TokenBatch
-    from pipeline.backends.megatron.backend import MegatronBackend
+    from pipeline.backends.megatron_backend.backend import MegatronBackend
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 151936, (128,), generator=g).tolist() for _ in range(16)]

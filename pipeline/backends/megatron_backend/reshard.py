@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.backends.megatron import convert
-from pipeline.backends.megatron.model import Arch
+from pipeline.backends.megatron_backend import convert
+from pipeline.backends.megatron_backend.model import Arch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.backends.megatron.parallel import Layout
+from pipeline.backends.megatron_backend.parallel import Layout
 
 TIED_COPY = "output_layer.weight"  # with tied embeddings and pp > 1: the last stage's copy of the embedding
 EMBEDDING = "embedding.word_embeddings.weight"

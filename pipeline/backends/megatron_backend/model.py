@@ -4,7 +4,7 @@
 share; :func:`arch_from_hf` reads it from a Hugging Face config (Qwen2/2.5, Qwen3, Llama 3, Phi-3 without sliding
 window or partial rotary; other families are refused with a message). :func:`build_model` turns it into
 megatron-core's ``GPTModel`` with the local layer spec (RMSNorm, SwiGLU, RoPE, optional QKV bias and QK-norm) and
-:class:`~pipeline.backends.megatron.attention.SDPAttention` as core attention, for the pipeline stage and
+:class:`~pipeline.backends.megatron_backend.attention.SDPAttention` as core attention, for the pipeline stage and
 tensor-parallel rank of the calling process (parallel state must be initialised; degree 1 is the same code).
 
 RoPE frequencies are taken from Hugging Face's own RoPE initialisation for the config (default, ``linear`` and
@@ -114,7 +114,7 @@ class RMSNorm(torch.nn.RMSNorm):
 @dataclass(frozen=True)
 class Precision:
     """Numerics options that change how the model is built: the parameter (and pipeline activation) dtype, e.g.
-    ``torch.bfloat16`` with fp32 master weights kept by :class:`~pipeline.backends.megatron.optim.MasterWeights`."""
+    ``torch.bfloat16`` with fp32 master weights kept by :class:`~pipeline.backends.megatron_backend.optim.MasterWeights`."""
 
     params_dtype: torch.dtype = torch.float32
     recompute_activations: bool = False
@@ -153,7 +153,7 @@ def block_spec(arch: Arch, config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from pipeline.backends.megatron.attention import SDPAttention
+    from pipeline.backends.megatron_backend.attention import SDPAttention
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     layer, attn = spec.submodules, spec.submodules.self_attention.submodules

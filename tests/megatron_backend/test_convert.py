@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backends.megatron.convert import hf_to_megatron, megatron_to_hf
-from pipeline.backends.megatron.model import arch_from_hf
-from tests.megatron.harness import FAMILIES, hf_config
+from pipeline.backends.megatron_backend.convert import hf_to_megatron, megatron_to_hf
+from pipeline.backends.megatron_backend.model import arch_from_hf
+from tests.megatron_backend.harness import FAMILIES, hf_config
 
 
 def _random_state(config) -> dict[str, torch.Tensor]:

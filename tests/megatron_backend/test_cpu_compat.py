@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backends.megatron import cpu_compat
+from pipeline.backends.megatron_backend import cpu_compat
 
 
 def test_redirects_cuda_only_inside_megatron():

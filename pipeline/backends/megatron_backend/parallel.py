@@ -57,7 +57,7 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
     from megatron.core import tensor_parallel
 
     if not use_cuda:
-        from pipeline.backends.megatron import cpu_compat
+        from pipeline.backends.megatron_backend import cpu_compat
 
         cpu_compat.enable()
     if not dist.is_initialized():

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.megatron.harness import make_checkpoint, run_distributed
-from tests.megatron.test_parallel import assert_weights_close, make_batch, make_cfg
+from tests.megatron_backend.harness import make_checkpoint, run_distributed
+from tests.megatron_backend.test_parallel import assert_weights_close, make_batch, make_cfg
 
 
 def _worker(ckpt: str, root: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from pipeline.backends.megatron.backend import MegatronBackend
+    from pipeline.backends.megatron_backend.backend import MegatronBackend
 
     batch = make_batch()
     kw = dict(lr=1e-3, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
