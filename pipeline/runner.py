@@ -80,19 +80,34 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
     return ctx
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run (or resume) the stages of a config")
-    r.add_argument("config", help="YAML config file (see configs/)")
-    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.iterations=10")
-    r.add_argument("--from-stage", help="rerun from this stage on (its state and later ones are reset)")
-    r.add_argument("--force", action="store_true", help="continue a run folder even though the config changed")
-    args = ap.parse_args(argv)
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.iterations=10")
+    p.add_argument("--from-stage", help="rerun from this stage on (its state and later ones are reset)")
+    p.add_argument("--force", action="store_true", help="continue a run folder even though the config changed")
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         run(args.config, args.overrides, args.from_stage, args.force)
     except (ConfigError, PipelineError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline run ...`` (and the ``lampo`` console command)."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_run_arguments(sub.add_parser("run", help="run (or resume) the stages of a config"))
+    return run_command(ap.parse_args(argv))
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """The ``lampo-run CONFIG [key=value ...]`` console command: ``python -m pipeline run`` under a short name."""
+    ap = argparse.ArgumentParser(prog="lampo-run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(ap)
+    return run_command(ap.parse_args(argv))
