@@ -92,6 +92,10 @@ class RolloutConfig:
     batch_size: int = 64  # sequences generated at once
     sglang_mem_fraction: float = 0.5
     sglang_url: str | None = None  # an already running SGLang server; None starts an in-process engine
+    # SGLang honours per-request sampling seeds only in deterministic-inference mode (batch-invariant kernels, slower):
+    # with False (default), rollouts are not reproducible sample for sample and a resumed run does not repeat the
+    # samples an uninterrupted run would have drawn. True starts sglang.Engine(enable_deterministic_inference=True).
+    sglang_deterministic: bool = False
 
 
 @dataclass

@@ -1,26 +1,59 @@
 """SGLang rollout engine (GPU only): continuous-batched sampling with per-token log-probs, in-memory weight sync, and
-memory release for colocation with the trainer.
+memory release for colocation with the trainer. Written against the release pinned in ``requirements-gpu.txt``
+(``sglang==0.5.21``); the upstream files cited below are paths inside that release's wheel.
 
 Two ways to reach SGLang, behind the same methods:
 
 * ``rollout.sglang_url`` unset (default): an in-process offline engine, ``sglang.Engine(model_path=...,
-  mem_fraction_static=rollout.sglang_mem_fraction, skip_tokenizer_init=True, ...)``. Weights are synced in memory with
-  ``Engine.update_weights_from_tensor`` (CUDA tensors travel by IPC handle), in buckets of about 1 GiB;
-* ``rollout.sglang_url`` set: an already running ``sglang.launch_server`` reached over HTTP (``/generate``,
-  ``/update_weights_from_disk``, ``/release_memory_occupation``, ...). Tensors cannot travel over HTTP, so
-  :meth:`SGLangEngine.update_weights` writes them as a checkpoint folder (safetensors + the model's config.json) and
-  asks the server to load it: the server must see this machine's file system (same host or a shared disk).
+  mem_fraction_static=rollout.sglang_mem_fraction, skip_tokenizer_init=True, ...)`` (:func:`engine_kwargs`);
+* ``rollout.sglang_url`` set: an already running ``sglang.launch_server`` reached over HTTP (:data:`HTTP_ROUTES`).
+  Tensors cannot travel over HTTP, so :meth:`SGLangEngine.update_weights` writes them as a checkpoint folder
+  (safetensors + the model's config.json) and asks the server to load it: the server must see this machine's file
+  system (same host or a shared disk).
+
+Every call into SGLang goes through :meth:`SGLangEngine._call`, which refuses a method or keyword not listed in
+:data:`ENGINE_API`; ``tests/pipeline/test_sglang_contract.py`` checks that list, :data:`HTTP_ROUTES`, the
+``sampling_params`` keys and :func:`engine_kwargs` against the pinned release's source, so the list cannot drift from
+the code nor the code from the release.
+
+Weight sync (in process). Since 0.5.21 ``update_weights_from_tensor`` answers ``success=False`` unless it runs inside a
+weight-update session (``SchedulerWeightUpdaterManager.update_weights_from_tensor`` checks ``self._session``,
+``sglang/srt/managers/scheduler_components/weight_updater.py``), so a sync is ``begin_weight_update()``, the buckets
+(``flush_cache=False``), ``end_weight_update()`` (always, even after a failed bucket: a session left open makes the
+next ``begin`` fail), then one ``flush_cache()`` (cached prefixes hold KV computed with the old weights). Each bucket is
+a plain ``[(name, tensor), ...]`` list with ``load_format=None``: ``Engine._serialize_tensors_per_rank``
+(``sglang/srt/entrypoints/engine.py``) pickles it once per TP rank with ``MultiprocessingSerializer`` (torch's
+``ForkingPickler``). That pickling moves a CPU tensor's storage into shared memory (``/dev/shm``, 64 MB by default in
+containers, so a large bucket fails or the sync crawls), while a CUDA tensor travels as a CUDA IPC handle (no copy,
+torch records an event the receiver waits on). So when CUDA is available every tensor is first moved to the current
+CUDA device, one bucket of about :data:`BUCKET_BYTES` at a time (the trainer may have offloaded its weights to CPU for
+the rollout), and the bucket is dropped once SGLang has loaded it; the sync never depends on ``/dev/shm``'s size.
+Over HTTP, ``/update_weights_from_disk`` needs no session (only the tensor and distributed updates check it).
+
+Memory release (``backend.colocate_rollout``). The engine starts holding its memory. SGLang's scheduler keeps the
+released tags in a set: ``resume_memory_occupation`` does ``offload_tags.remove(tag)`` (``KeyError`` on a tag that was
+never released) and ``release_memory_occupation`` asserts the scheduler is idle; an exception in the scheduler process
+kills the engine. So this class tracks the state: :meth:`reacquire_memory` on a live engine and :meth:`release_memory`
+on a released one are no-ops, a release while :meth:`generate` runs is refused, and generating or syncing weights on a
+released engine is refused. The weights do not survive a release (no ``enable_weights_cpu_backup``; the memory saver
+unmaps them), so after :meth:`reacquire_memory` :meth:`generate` is refused until the weights were synced again (the RL
+loop syncs right after it anyway).
 
 Log-probs: our :class:`Generation` contract is the log-prob of each sampled token under the model *before*
-temperature. SGLang reports ``log_softmax(logits / temperature)`` unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, so
-we set it before starting the in-process engine (for a server started elsewhere, start it with that variable set; at
-temperature 1 the two agree). All requests of a call are submitted at once and SGLang batches them continuously
-(``rollout.batch_size`` is the HF engine's knob and is not used here). Seeds: ``SamplingParams.seed`` becomes each
-request's ``sampling_seed`` (seed + request index); SGLang honours it only with ``--enable-deterministic-inference``.
+temperature. SGLang reports ``log_softmax(logits / temperature)`` unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set
+(``sglang/srt/layers/sampler.py``, read when the scheduler process imports it), so we set it before starting the
+in-process engine (for a server started elsewhere, start it with that variable set; at temperature 1 the two agree).
+All requests of a call are submitted at once and SGLang batches them continuously (``rollout.batch_size`` is the HF
+engine's knob and is not used here).
+
+Seeds: ``SamplingParams.seed`` becomes each request's ``sampling_seed`` (seed + request index), but SGLang uses it only
+with ``enable_deterministic_inference`` (``SamplingBatchInfo.from_schedule_batch`` builds the seed tensor only then,
+``sglang/srt/sampling/sampling_batch_info.py``). ``rollout.sglang_deterministic=true`` turns that mode on; without it
+samples are not reproducible and a resumed run does not repeat the samples an uninterrupted run would have drawn.
 
 SGLang is an optional dependency, imported only here, and cannot be installed on the CPU machines this project is
-tested on: the conversion of SGLang's output records and the request building are unit-tested with fake engines; the
-real GPU path is not exercised by the test suite.
+tested on: the tests drive this class against a stateful fake written from the release's source
+(``tests/pipeline/fake_sglang.py``), alone and inside the RL stage; the real GPU path is not exercised by the suite.
 """
 from __future__ import annotations
 
@@ -34,6 +67,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
@@ -42,9 +76,38 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 INSTALL_HINT = ("rollout.engine=sglang needs SGLang, an optional GPU-only dependency that is not installed. On a CUDA "
-                "machine: pip install 'sglang[all]' (see https://docs.sglang.ai/get_started/install.html); on CPU use "
-                "rollout.engine=hf")
-BUCKET_BYTES = 1 << 30  # weight-sync bucket size for update_weights_from_tensor
+                "machine: pip install -r requirements-gpu.txt (the pinned sglang release; see "
+                "https://docs.sglang.ai/get_started/install.html); on CPU use rollout.engine=hf")
+BUCKET_BYTES = 1 << 30  # weight-sync bucket size for update_weights_from_tensor (GPU memory held during a sync)
+
+# The memory tags this engine releases and resumes, all of them (sglang/srt/constants.py GPU_MEMORY_ALL_TYPES).
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+
+# Every sglang.Engine method this module calls, with the keywords it passes ("__init__": the constructor's keywords,
+# which sglang.Engine forwards to ServerArgs). _call enforces it; the contract test checks it against the release.
+ENGINE_API: dict[str, tuple[str, ...]] = {
+    "__init__": ("model_path", "skip_tokenizer_init", "dtype", "mem_fraction_static", "random_seed",
+                 "trust_remote_code", "enable_memory_saver", "enable_deterministic_inference"),
+    "generate": ("input_ids", "sampling_params", "return_logprob"),
+    "begin_weight_update": (),
+    "update_weights_from_tensor": ("named_tensors", "flush_cache"),
+    "end_weight_update": (),
+    "flush_cache": (),
+    "update_weights_from_disk": ("model_path",),
+    "release_memory_occupation": ("tags",),
+    "resume_memory_occupation": ("tags",),
+    "shutdown": (),
+}
+
+# The server routes for the methods the HTTP path uses (sglang/srt/entrypoints/http_server.py); the JSON body is the
+# method's keywords, so it is checked against ENGINE_API too. Tensor updates do not travel over HTTP.
+HTTP_ROUTES: dict[str, str] = {
+    "generate": "/generate",
+    "update_weights_from_disk": "/update_weights_from_disk",
+    "release_memory_occupation": "/release_memory_occupation",
+    "resume_memory_occupation": "/resume_memory_occupation",
+    "flush_cache": "/flush_cache",
+}
 
 
 def import_sglang() -> Any:
@@ -56,14 +119,23 @@ def import_sglang() -> Any:
     return sglang
 
 
+def engine_kwargs(model_path: str | Path, cfg: Config) -> dict[str, Any]:
+    """The keywords for ``sglang.Engine(...)`` (``ServerArgs`` field names in the pinned release)."""
+    return dict(model_path=str(model_path), skip_tokenizer_init=True, dtype=cfg.model.dtype,
+                mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=cfg.run.seed,
+                trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.backend.colocate_rollout,
+                enable_deterministic_inference=cfg.rollout.sglang_deterministic)
+
+
 def to_generation(out: dict[str, Any], prompt_index: int, eos_id: int | None) -> Generation:
     """One SGLang ``generate`` result -> :class:`Generation`.
 
     ``out`` is ``{"output_ids": [...], "meta_info": {"finish_reason": {"type": "stop" | "length" | "abort", ...},
-    "output_token_logprobs": [(logprob, token_id, text_or_None), ...], ...}}`` (tuples arrive as lists over HTTP).
-    ``output_ids`` keep the stop token. A response counts as finished when it stopped on a stop token, or when its last
-    token is EOS (SGLang reports ``length`` if EOS lands exactly on ``max_new_tokens``; the HF engine calls that
-    finished too).
+    "output_token_logprobs": [(logprob, token_id, text_or_None), ...], ...}}`` (tuples arrive as lists over HTTP; with
+    ``skip_tokenizer_init`` there is no ``"text"``: ``TokenizerManager._handle_batch_output``,
+    ``sglang/srt/managers/tokenizer_manager.py``). ``output_ids`` keep the stop token. A response counts as finished
+    when it stopped on a stop token, or when its last token is EOS (SGLang reports ``length`` if EOS lands exactly on
+    ``max_new_tokens``; the HF engine calls that finished too).
     """
     meta = out.get("meta_info", {})
     reason = meta.get("finish_reason") or {}
@@ -85,7 +157,9 @@ def to_generation(out: dict[str, Any], prompt_index: int, eos_id: int | None) ->
 
 
 def request_params(params: SamplingParams, eos_id: int | None, n_requests: int) -> list[dict[str, Any]]:
-    """SGLang ``sampling_params``, one dict per request (``n`` is expanded by the caller, one request per sample)."""
+    """SGLang ``sampling_params``, one dict per request (``n`` is expanded by the caller, one request per sample).
+    The keys are ``SamplingParams`` fields of ``sglang/srt/sampling/sampling_params.py`` (top_k -1 = whole
+    vocabulary)."""
     base: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                             "top_p": params.top_p, "top_k": params.top_k, "skip_special_tokens": False}
     if eos_id is not None:
@@ -98,7 +172,8 @@ def request_params(params: SamplingParams, eos_id: int | None, n_requests: int) 
 
 
 class SGLangHTTPClient:
-    """The few ``sglang.Engine`` methods we use, against a running SGLang server (stdlib HTTP, JSON)."""
+    """The ``sglang.Engine`` methods of :data:`HTTP_ROUTES`, against a running SGLang server (stdlib HTTP, JSON):
+    ``client.method(**kw)`` posts ``kw`` as the JSON body to the method's route."""
 
     def __init__(self, url: str, timeout_s: float = 3600.0):
         self.url = url.rstrip("/")
@@ -115,33 +190,32 @@ class SGLangHTTPClient:
         except urllib.error.URLError as e:
             raise RuntimeError(f"cannot reach the SGLang server at {self.url} ({e.reason}); is rollout.sglang_url "
                                "right and the server running?") from None
-        return json.loads(body) if body else None
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:  # /flush_cache answers plain text ("Cache flushed. ..."), its status says how it went
+            return body.decode(errors="replace")
 
-    def generate(self, **request: Any) -> Any:
-        return self._post("/generate", request)
-
-    def update_weights_from_disk(self, model_path: str) -> Any:
-        return self._post("/update_weights_from_disk", {"model_path": model_path})
-
-    def release_memory_occupation(self) -> Any:
-        return self._post("/release_memory_occupation", {})
-
-    def resume_memory_occupation(self) -> Any:
-        return self._post("/resume_memory_occupation", {})
-
-    def flush_cache(self) -> Any:
-        return self._post("/flush_cache", {})
+    def __getattr__(self, method: str) -> Any:
+        if method not in HTTP_ROUTES:
+            raise AttributeError(f"the SGLang HTTP path has no route for {method!r} (routes: {sorted(HTTP_ROUTES)})")
+        route = HTTP_ROUTES[method]
+        return lambda **kw: self._post(route, kw)
 
     def shutdown(self) -> None:
         """The server belongs to whoever started it; nothing to do."""
 
 
 def _check_update(result: Any, what: str) -> None:
-    """SGLang's weight-update calls answer ``(success, message, ...)`` in process or ``{"success": ..}`` over HTTP."""
+    """SGLang's control calls answer ``(success, message, ...)`` in process (``TokenizerControlMixin``), an object with
+    ``.success`` (``FlushCacheReqOutput``) or ``{"success": ..}`` over HTTP (a failure is also an HTTP 400 there)."""
     if isinstance(result, dict):
         ok, msg = result.get("success", True), result.get("message", "")
     elif isinstance(result, (tuple, list)) and result and isinstance(result[0], bool):
         ok, msg = result[0], (result[1] if len(result) > 1 else "")
+    elif isinstance(getattr(result, "success", None), bool):
+        ok, msg = result.success, getattr(result, "message", "")
     else:
         return
     if not ok:
@@ -155,23 +229,43 @@ class SGLangEngine(RolloutEngine):
         self.eos_id = tokenizer.eos_token_id
         self.engine = engine if engine is not None else self._start(cfg)
         self.remote = isinstance(self.engine, SGLangHTTPClient)
+        self.released = False  # memory handed back with release_memory_occupation (a new engine holds its memory)
+        self.weights_stale = False  # resumed after a release: weights are garbage until synced
+        self.generating = 0  # generate calls in progress (a release must wait for an idle engine)
 
     def _start(self, cfg: Config) -> Any:
         if cfg.rollout.sglang_url:
             return SGLangHTTPClient(cfg.rollout.sglang_url)
         sglang = import_sglang()
         os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"  # log-probs before temperature (module docstring)
-        return sglang.Engine(
-            model_path=str(self.model_path), skip_tokenizer_init=True, dtype=cfg.model.dtype,
-            mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=cfg.run.seed,
-            trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.backend.colocate_rollout)
+        kwargs = engine_kwargs(self.model_path, cfg)
+        _check_api("__init__", kwargs)
+        return sglang.Engine(**kwargs)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        """``self.engine.<method>(**kwargs)``, for a method and keywords listed in :data:`ENGINE_API` only."""
+        _check_api(method, kwargs)
+        return getattr(self.engine, method)(**kwargs)
+
+    def _require_live(self, what: str) -> None:
+        if self.released:
+            raise RuntimeError(f"SGLang engine: cannot {what} while its memory is released; call reacquire_memory() "
+                               "first")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         jobs = [i for i in range(len(prompts)) for _ in range(params.n)]  # one request per sample, prompt-major
         if not jobs:
             return []
-        outs = self.engine.generate(input_ids=[prompts[i] for i in jobs], return_logprob=True,
-                                    sampling_params=request_params(params, self.eos_id, len(jobs)))
+        self._require_live("generate")
+        if self.weights_stale:
+            raise RuntimeError("SGLang engine: its weights did not survive release_memory(); call update_weights() "
+                               "(or update_weights_from_path()) after reacquire_memory() before generating")
+        self.generating += 1
+        try:
+            outs = self._call("generate", input_ids=[prompts[i] for i in jobs], return_logprob=True,
+                              sampling_params=request_params(params, self.eos_id, len(jobs)))
+        finally:
+            self.generating -= 1
         if isinstance(outs, dict):  # a batch of one may come back unwrapped
             outs = [outs]
         if len(outs) != len(jobs):
@@ -179,22 +273,35 @@ class SGLangEngine(RolloutEngine):
         return [to_generation(o, i, self.eos_id) for o, i in zip(outs, jobs)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        self._require_live("update weights")
         if self.remote:
             self._update_through_disk(named_tensors)
             return
-        bucket: list[tuple[str, Tensor]] = []
-        size = 0
-        for name, t in named_tensors:
-            bucket.append((name, t.detach()))
-            size += t.numel() * t.element_size()
-            if size >= BUCKET_BYTES:
-                _check_update(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False),
-                              "update_weights_from_tensor")
-                bucket, size = [], 0
-        if bucket:
-            _check_update(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False),
-                          "update_weights_from_tensor")
-        self.engine.flush_cache()  # cached prefixes hold KV computed with the old weights
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        _check_update(self._call("begin_weight_update"), "begin_weight_update")
+        try:
+            bucket: list[tuple[str, Tensor]] = []
+            size = 0
+            for name, t in named_tensors:
+                t = t.detach()
+                if device is not None and t.device != device:
+                    t = t.to(device)  # CUDA IPC handle instead of a /dev/shm copy (module docstring)
+                bucket.append((name, t.contiguous()))
+                size += t.numel() * t.element_size()
+                if size >= BUCKET_BYTES:
+                    self._send_bucket(bucket)
+                    bucket, size = [], 0
+            if bucket:
+                self._send_bucket(bucket)
+        finally:
+            ended = self._call("end_weight_update")  # close the session even after a failed bucket
+        _check_update(ended, "end_weight_update")
+        _check_update(self._call("flush_cache"), "flush_cache")  # cached prefixes hold KV of the old weights
+        self.weights_stale = False
+
+    def _send_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
+        _check_update(self._call("update_weights_from_tensor", named_tensors=bucket, flush_cache=False),
+                      "update_weights_from_tensor")
 
     def _update_through_disk(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         from safetensors.torch import save_file
@@ -209,16 +316,42 @@ class SGLangEngine(RolloutEngine):
             shutil.rmtree(folder, ignore_errors=True)
 
     def update_weights_from_path(self, path: str) -> None:
-        _check_update(self.engine.update_weights_from_disk(model_path=str(path)), "update_weights_from_disk")
+        """Load a checkpoint folder. SGLang flushes its cache afterwards itself (``UpdateWeightFromDiskReqInput``
+        defaults to ``flush_cache=True``) and needs no weight-update session for it."""
+        self._require_live("update weights")
+        _check_update(self._call("update_weights_from_disk", model_path=str(path)), "update_weights_from_disk")
+        self.weights_stale = False
 
     def release_memory(self) -> None:
-        """Free the KV cache and weights' GPU memory while the colocated trainer runs (needs the engine started with
-        ``enable_memory_saver``, which ``backend.colocate_rollout`` turns on). The weights are not guaranteed to
-        survive: call :meth:`update_weights` after :meth:`reacquire_memory`, as the RL loop's sync does anyway."""
-        self.engine.release_memory_occupation()
+        """Free the KV cache, weights and CUDA graphs' GPU memory while the colocated trainer runs (needs the engine
+        started with ``enable_memory_saver``, which ``backend.colocate_rollout`` turns on). A no-op when already
+        released; refused while a generate call runs (SGLang asserts an idle scheduler). The weights do not survive:
+        call :meth:`update_weights` after :meth:`reacquire_memory`, as the RL loop's sync does anyway."""
+        if self.released:
+            return
+        if self.generating:
+            raise RuntimeError("SGLang engine: release_memory() while a generate call is running; SGLang releases "
+                               "only an idle engine")
+        self._call("release_memory_occupation", tags=list(MEMORY_TAGS))
+        self.released = True
 
     def reacquire_memory(self) -> None:
-        self.engine.resume_memory_occupation()
+        """Undo :meth:`release_memory`; a no-op on an engine that holds its memory (a new one, or one never released),
+        where SGLang's resume would raise ``KeyError`` in its scheduler and bring the engine down."""
+        if not self.released:
+            return
+        self._call("resume_memory_occupation", tags=list(MEMORY_TAGS))
+        self.released = False
+        self.weights_stale = True
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self._call("shutdown")
+
+
+def _check_api(method: str, kwargs: dict[str, Any]) -> None:
+    if method not in ENGINE_API:
+        raise AssertionError(f"sglang.Engine.{method} is not in ENGINE_API; add it there (the contract test checks "
+                             "that list against the pinned release)")
+    extra = set(kwargs) - set(ENGINE_API[method])
+    if extra:
+        raise AssertionError(f"sglang.Engine.{method}: keywords {sorted(extra)} are not in ENGINE_API[{method!r}]")

@@ -1,7 +1,9 @@
 """The SGLang rollout engine, on CPU: SGLang itself is GPU-only and not installed here, so these tests cover the clear
 install error, the conversion of SGLang's output records into :class:`Generation`, the requests the engine builds,
-weight-sync bucketing (with a fake in-process engine), and the HTTP path against a small local stand-in server that
-speaks SGLang's JSON. The real ``sglang.Engine`` path runs only on a GPU machine and is not exercised here.
+weight sync (buckets inside one weight-update session) and the memory release/resume state with a recording fake, the
+same against the stateful fake of ``tests/pipeline/fake_sglang.py`` (which enforces the pinned release's rules), and the
+HTTP path against a small local stand-in server that speaks SGLang's JSON. The real ``sglang.Engine`` path runs only on
+a GPU machine and is not exercised here; ``test_sglang_contract.py`` checks the calls against the release's source.
 """
 from __future__ import annotations
 
@@ -40,6 +42,14 @@ class FakeEngine:
         self.calls: list[tuple[str, Any]] = []
         self.update_result = update_result
 
+    def begin_weight_update(self):
+        self.calls.append(("begin", None))
+        return True, "Success"
+
+    def end_weight_update(self):
+        self.calls.append(("end", None))
+        return True, "Success"
+
     def generate(self, *, input_ids, sampling_params, return_logprob):
         self.calls.append(("generate", dict(input_ids=input_ids, sampling_params=sampling_params,
                                             return_logprob=return_logprob)))
@@ -56,12 +66,13 @@ class FakeEngine:
 
     def flush_cache(self):
         self.calls.append(("flush", None))
+        return SimpleNamespace(success=True, message="")
 
-    def release_memory_occupation(self):
-        self.calls.append(("release", None))
+    def release_memory_occupation(self, tags):
+        self.calls.append(("release", tags))
 
-    def resume_memory_occupation(self):
-        self.calls.append(("resume", None))
+    def resume_memory_occupation(self, tags):
+        self.calls.append(("resume", tags))
 
 
 def test_registered_and_importable_without_sglang():
@@ -70,7 +81,7 @@ def test_registered_and_importable_without_sglang():
 
 def test_missing_sglang_raises_a_clear_install_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` fail even where it is installed
-    hint = r"optional GPU-only dependency.*pip install 'sglang\[all\]'.*rollout\.engine=hf"
+    hint = r"optional GPU-only dependency.*pip install -r requirements-gpu\.txt.*rollout\.engine=hf"
     with pytest.raises(ImportError, match=hint):
         SGLangEngine(tmp_path, TOKENIZER, Config())
 
@@ -125,7 +136,7 @@ def test_generate_expands_samples_prompt_major_and_builds_sampling_params():
     assert all("sampling_seed" not in p for p in fake.calls[-1][1]["sampling_params"])  # no seed: none sent
 
 
-def test_update_weights_streams_buckets_then_flushes_the_cache(monkeypatch):
+def test_update_weights_streams_buckets_in_one_session_then_flushes_the_cache(monkeypatch):
     import pipeline.rollout.sglang_engine as mod
 
     monkeypatch.setattr(mod, "BUCKET_BYTES", 3 * 4 * 4)  # three 4-float tensors per bucket
@@ -133,23 +144,104 @@ def test_update_weights_streams_buckets_then_flushes_the_cache(monkeypatch):
     eng = SGLangEngine("unused", TOKENIZER, Config(), engine=fake)
     names = [f"w{i}" for i in range(7)]
     eng.update_weights((n, torch.zeros(4)) for n in names)
+    assert [c[0] for c in fake.calls] == ["begin", "update", "update", "update", "end", "flush"]
     updates = [c[1] for c in fake.calls if c[0] == "update"]
     assert [u[0] for u in updates] == [names[:3], names[3:6], names[6:]]
-    assert all(flush is False for _, flush in updates) and fake.calls[-1] == ("flush", None)
+    assert all(flush is False for _, flush in updates)
 
 
-def test_update_weights_failure_is_raised():
-    eng = SGLangEngine("unused", TOKENIZER, Config(), engine=FakeEngine(update_result=(False, "shape mismatch")))
+def test_update_weights_failure_is_raised_and_the_session_closed():
+    fake = FakeEngine(update_result=(False, "shape mismatch"))
+    eng = SGLangEngine("unused", TOKENIZER, Config(), engine=fake)
     with pytest.raises(RuntimeError, match="update_weights_from_tensor failed: shape mismatch"):
         eng.update_weights([("w", torch.zeros(2))])
+    assert [c[0] for c in fake.calls] == ["begin", "update", "end"]
 
 
-def test_release_and_reacquire_memory_call_sglang():
+def test_update_weights_sends_cuda_tensors_when_cuda_is_available(monkeypatch):
+    """CPU tensors would travel through /dev/shm; with CUDA each bucket is moved to the current device first."""
+    moved: list[torch.device] = []
+    real_to = torch.Tensor.to
+
+    def fake_to(self, *args, **kwargs):
+        moved.append(args[0])
+        return real_to(self, "cpu")  # no GPU here: record the target, stay on CPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    fake = FakeEngine()
+    SGLangEngine("unused", TOKENIZER, Config(), engine=fake).update_weights([("a", torch.zeros(2)),
+                                                                             ("b", torch.ones(3))])
+    assert moved == [torch.device("cuda", 0)] * 2
+
+
+def test_memory_release_and_resume_follow_the_engine_state():
+    """SGLang raises in its scheduler (and the engine dies) on a resume of memory it never released: a new engine is
+    live, so reacquire is a no-op until a release; release is idempotent; the weights need a sync after a resume."""
     fake = FakeEngine()
     eng = SGLangEngine("unused", TOKENIZER, Config(), engine=fake)
+    eng.reacquire_memory()  # a new engine holds its memory: nothing to resume
+    assert fake.calls == []
     eng.release_memory()
+    eng.release_memory()  # already released: not twice
+    tags = ["kv_cache", "weights", "cuda_graph"]
+    assert fake.calls == [("release", tags)]
+    with pytest.raises(RuntimeError, match="while its memory is released"):
+        eng.generate([[1]], SamplingParams())
+    with pytest.raises(RuntimeError, match="while its memory is released"):
+        eng.update_weights([("w", torch.zeros(1))])
     eng.reacquire_memory()
-    assert [c[0] for c in fake.calls] == ["release", "resume"]
+    eng.reacquire_memory()
+    assert fake.calls == [("release", tags), ("resume", tags)]
+    with pytest.raises(RuntimeError, match="weights did not survive"):
+        eng.generate([[1]], SamplingParams())
+    eng.update_weights([("w", torch.zeros(1))])
+    assert len(eng.generate([[1]], SamplingParams())) == 1
+
+
+def test_no_release_while_generating():
+    fake = FakeEngine()
+    eng = SGLangEngine("unused", TOKENIZER, Config(), engine=fake)
+    real_generate = fake.generate
+    seen: list[BaseException] = []
+
+    def generate_and_release(**kw):
+        try:
+            eng.release_memory()  # e.g. another thread, mid-generation
+        except RuntimeError as e:
+            seen.append(e)
+        return real_generate(**kw)
+
+    fake.generate = generate_and_release
+    eng.generate([[1]], SamplingParams())
+    assert len(seen) == 1 and "while a generate call is running" in str(seen[0])
+    assert not eng.released and all(c[0] != "release" for c in fake.calls)
+
+
+def test_engine_kwargs_turn_deterministic_inference_on_only_when_asked():
+    from pipeline.rollout.sglang_engine import engine_kwargs
+
+    cfg = Config()
+    assert engine_kwargs("m", cfg)["enable_deterministic_inference"] is False
+    cfg.rollout.sglang_deterministic = True
+    kw = engine_kwargs("m", cfg)
+    assert kw["enable_deterministic_inference"] is True and kw["skip_tokenizer_init"] is True
+    assert kw["enable_memory_saver"] is cfg.backend.colocate_rollout
+
+
+def test_engine_started_with_the_pinned_keywords(monkeypatch, tmp_path):
+    """In-process start: sglang.Engine gets engine_kwargs, and log-probs before temperature are asked for."""
+    got: dict[str, Any] = {}
+    monkeypatch.setitem(sys.modules, "sglang", SimpleNamespace(Engine=lambda **kw: got.update(kw) or FakeEngine()))
+    monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    cfg = Config()
+    cfg.rollout.sglang_deterministic = True
+    SGLangEngine(tmp_path, TOKENIZER, cfg)
+    assert got["model_path"] == str(tmp_path) and got["enable_deterministic_inference"] is True
+    import os
+
+    assert os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
 
 
 # --- the HTTP path against a local stand-in server --------------------------------------------------------------------
@@ -171,6 +263,13 @@ class StandIn(BaseHTTPRequestHandler):
             ok = (folder / "config.json").is_file()
             StandIn.seen.append(("loaded", {k: v.tolist() for k, v in load_file(folder / "model.safetensors").items()}))
             reply = {"success": ok, "message": "" if ok else "no config.json"}
+        elif self.path == "/flush_cache":  # the real route answers plain text, not JSON
+            data = b"Cache flushed.\nPlease check backend logs for more details.\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         else:
             reply = None
         data = json.dumps(reply).encode() if reply is not None else b""
@@ -208,6 +307,11 @@ def test_http_generate_and_weight_sync_through_disk(server, tmp_path):
     assert routes == ["/generate", "/update_weights_from_disk", "loaded"]
     assert StandIn.seen[2][1] == {"a": [1.0, 2.0], "b": [[3.0]]}
     assert not Path(StandIn.seen[1][1]["model_path"]).exists()  # the temporary folder is removed afterwards
+    eng.release_memory()
+    eng.reacquire_memory()
+    assert StandIn.seen[-2:] == [("/release_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]}),
+                                 ("/resume_memory_occupation", {"tags": ["kv_cache", "weights", "cuda_graph"]})]
+    assert eng.engine.flush_cache().startswith("Cache flushed")  # plain-text answer, not a JSON error
     eng.shutdown()  # a server we did not start is left running
 
 
