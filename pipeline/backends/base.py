@@ -75,7 +75,9 @@ class TrainingBackend(ABC):
         engine. Every rank must iterate (gathers are collective); non-main ranks may receive nothing."""
 
     def release_memory(self) -> None:  # noqa: B027 - optional hook
-        """Free accelerator memory before a colocated rollout (no-op on CPU)."""
+        """Free accelerator memory before a colocated rollout (no-op on CPU): move optimizer state (and other
+        training-only state) to the host. The model weights stay where they train: the RL loop syncs them to the rollout
+        engine with :meth:`named_full_tensors` between this call and :meth:`reacquire_memory`."""
 
     def reacquire_memory(self) -> None:  # noqa: B027 - optional hook
         """Undo :meth:`release_memory` before training."""

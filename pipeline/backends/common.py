@@ -1,4 +1,5 @@
-"""Pieces every training backend shares: the LR schedule, log-probs from logits, and the policy-loss options."""
+"""Pieces every training backend shares: the LR schedule, log-probs from logits, the policy-loss options, and moving
+optimizer state between the accelerator and the host around colocated rollouts."""
 from __future__ import annotations
 
 import math
@@ -106,3 +107,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def inner_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The optimizer that really holds the per-parameter state behind a wrapper.
+
+    ``torch.distributed.optim.ZeroRedundancyOptimizer`` steps a local optimizer over this rank's partition and keeps
+    the moments in ``opt.optim.state``; its own ``opt.state`` is left empty by ``step`` and, after
+    ``load_state_dict``, maps every parameter owned by another rank to ``None`` (``zero_redundancy_optimizer.py``,
+    ``load_state_dict``). DeepSpeed's ZeRO and BF16 optimizers keep the torch optimizer they step as ``opt.optimizer``.
+    """
+    while True:
+        inner = getattr(opt, "optim", None)
+        if inner is None:
+            inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
+            return opt
+        opt = inner
+
+
+def move_optimizer_state(opt: Any, device: torch.device | str) -> int:
+    """Move the tensors of the optimizer state that really holds them (:func:`inner_optimizer`) to ``device``.
+
+    Entries that are ``None`` or not dicts, and values that are not tensors, are left alone; so is ``step``, a
+    scalar counter that AdamW keeps on the host unless it is ``capturable``/``fused``. Copies are blocking, so the
+    source memory is free to reuse on return. Returns the bytes of state handed to ``device``.
+    """
+    moved = 0
+    device = torch.device(device)
+    for state in inner_optimizer(opt).state.values():
+        if not isinstance(state, dict):
+            continue
+        for k, v in state.items():
+            if k == "step" or not isinstance(v, Tensor):
+                continue
+            state[k] = v.to(device)
+            moved += v.numel() * v.element_size()
+    return moved

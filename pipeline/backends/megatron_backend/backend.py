@@ -14,13 +14,13 @@ stage), then clips like ``torch.nn.utils.clip_grad_norm_``. The optimizer is ``t
 shards (element-wise, so sharded AdamW equals unsharded AdamW) with the torch backend's warm-up + cosine schedule.
 
 Options (``BackendConfig``): ``bf16`` makes the model's parameters and pipeline activations bf16, with fp32 master
-weights for the optimizer (:mod:`.optim`); ``recompute_activations`` is megatron-core's full uniform recomputation;
-``distributed_optimizer`` partitions the AdamW state over data-parallel ranks (ZeRO-1, torch's
-``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``); ``sequence_parallel`` splits
-the activations outside attention and MLP along the sequence over TP ranks (sequences padded to a multiple of TP);
-``colocate_rollout`` moves the optimizer state and reference model to the host around rollouts (CUDA only). All but
-the last, and TP/PP/DP, are tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group
-backend, untested here (no GPU).
+weights for the optimizer and gradients accumulated and reduced in fp32 (:mod:`.optim`); ``recompute_activations`` is
+megatron-core's full uniform recomputation; ``distributed_optimizer`` partitions the AdamW state over data-parallel
+ranks (ZeRO-1, torch's ``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``);
+``sequence_parallel`` splits the activations outside attention and MLP along the sequence over TP ranks (sequences
+padded to a multiple of TP); ``colocate_rollout`` moves the optimizer state, the separate fp32 masters and the
+reference model to the host around rollouts (on CUDA only; the CPU tests run that branch by forcing it). All of these,
+and TP/PP/DP, are tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import adamw_options, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss, warmup_cosine
+from pipeline.backends.common import (adamw_options, inner_optimizer, merge_metrics, move_optimizer_state, rl_loss,
+                                      rng_state, set_rng_state, sft_loss, warmup_cosine)
 from pipeline.backends.megatron_backend import weights
 from pipeline.backends.megatron_backend.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron_backend.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
@@ -218,8 +219,8 @@ class MegatronBackend(TrainingBackend):
     def _optimizer_step(self) -> dict[str, float]:
         from pipeline.backends.megatron_backend.grads import clip_grad_norm, sync_grads
 
-        sync_grads(self.model, self.layout)
         self.master.grads_to_master()
+        sync_grads(self.model, self.layout, self.master)  # on the fp32 gradient sums
         grad_norm = clip_grad_norm(self.master.named(), self.cfg.backend.grad_clip,
                                    tied_across_stages=self.model.tied_across_stages)
         if not torch.isfinite(grad_norm):
@@ -254,6 +255,10 @@ class MegatronBackend(TrainingBackend):
                         "param_names": [n for n, _ in self.master.named()],
                         "scheduler": self.scheduler.state_dict(), "step": self.step},
                        shard_file(path, self.tp_rank, self.pp_rank))
+        if hasattr(self.optimizer, "_all_state_dicts"):
+            # ZeRO keeps the consolidated copy of every rank's state after save; it is stale from the next step on and
+            # would pin the whole optimizer state in host memory until the next save
+            self.optimizer._all_state_dicts = []
         rng = {"rng": rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
         torch.save(rng, path / f"rng_rank{dist.get_rank()}.pt")
         dist.barrier()
@@ -274,6 +279,11 @@ class MegatronBackend(TrainingBackend):
                             self.tp_rank, self.pp_rank, [n for n, _ in self.master.named()])
         self.master.load(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if inner_optimizer(self.optimizer) is not self.optimizer:
+            # ZeRO's load_state_dict also fills its wrapper's own .state: None for the other ranks' parameters and a
+            # second copy of this rank's moments, which its step never reads (it steps the local optimizer, where the
+            # loaded moments went). Drop them so the moments live once, where release_memory moves them.
+            self.optimizer.state.clear()
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         rng_file = path / f"rng_rank{dist.get_rank()}.pt"
@@ -284,15 +294,18 @@ class MegatronBackend(TrainingBackend):
 
     # --- weights out --------------------------------------------------------------------------------------------------
     def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Full tensors in the model's dtype (bf16 with ``backend.bf16``), for the rollout engine."""
+        """Full tensors in the model's dtype (bf16 with ``backend.bf16``), for the rollout engine, on the device the
+        model trains on (CUDA: the engine receives them by IPC handle; no host copy). Tensors that need no merging
+        may share storage with the live parameters: consume them before the next optimizer step."""
         yield from weights.gather_hf(dict(self.model.named_parameters()), self.arch, self.layout, self.pp_rank,
-                                     self.dp_rank)
+                                     self.dp_rank, device=self.device)
 
     def export_hf(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        full = dict(weights.gather_hf(dict(self.master.named()), self.arch, self.layout, self.pp_rank,
-                                      self.dp_rank))  # the fp32 master weights; collective: every rank iterates
+        # the fp32 master weights, one unit at a time to the host; collective: every rank iterates
+        full = {k: v.cpu() for k, v in weights.gather_hf(dict(self.master.named()), self.arch, self.layout,
+                                                         self.pp_rank, self.dp_rank, device=self.device)}
         if not self.is_main:
             return
         path = Path(path)
@@ -309,28 +322,32 @@ class MegatronBackend(TrainingBackend):
         tmp.replace(path / "model.safetensors")
 
     # --- colocated rollouts -------------------------------------------------------------------------------------------
+    def _offloads(self) -> bool:
+        """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``colocate_rollout``."""
+        return self.use_cuda and self.cfg.backend.colocate_rollout
+
     def release_memory(self) -> None:
-        """Move optimizer state and the reference model to the host and free cached accelerator memory."""
-        if not (self.use_cuda and self.cfg.backend.colocate_rollout):
+        """Move the optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local
+        optimizer's), the separate fp32 master weights (bf16 model) and the reference model to the host, and free
+        cached accelerator memory. The model's own parameters stay: the weight sync that follows reads them."""
+        if not self._offloads():
             return
-        _move_optimizer_state(self.optimizer, "cpu")
+        host = torch.device("cpu")
+        move_optimizer_state(self.optimizer, host)
+        self.master.to(host)
         if self.reference is not None:
-            self.reference.to("cpu")
-        torch.cuda.empty_cache()
+            self.reference.to(host)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     def reacquire_memory(self) -> None:
-        if not (self.use_cuda and self.cfg.backend.colocate_rollout):
+        if not self._offloads():
             return
-        _move_optimizer_state(self.optimizer, self.device)
+        move_optimizer_state(self.optimizer, self.device)
+        self.master.to(self.device)
         if self.reference is not None:
             self.reference.to(self.device)
-
-
-def _move_optimizer_state(opt: torch.optim.Optimizer, device: Any) -> None:
-    for state in opt.state.values():
-        for k, v in state.items():
-            if isinstance(v, Tensor) and k != "step":
-                state[k] = v.to(device, non_blocking=True)
 
 
 def _model_shape(cfg: Config) -> tuple[int, int, int]:

@@ -5,22 +5,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pipeline.backends.megatron_backend.optim import MasterWeights
 from pipeline.backends.megatron_backend.parallel import Layout
 
 TIED_COPY = "output_layer.weight"  # with tied embeddings and pp > 1: the last stage's copy of the embedding
 EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def _tied_pair(model: torch.nn.Module) -> Tensor | None:
-    """This rank's half of a tied embedding split across pipeline stages, or None."""
+def _tied_name(model: torch.nn.Module) -> str | None:
+    """The name of this rank's half of a tied embedding split across pipeline stages, or None."""
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() == 1 or not getattr(model, "tied_across_stages", False):
         return None
     if not ps.is_rank_in_embedding_group():
         return None
-    params = dict(model.named_parameters())
-    return params.get(EMBEDDING) if ps.is_pipeline_first_stage() else params.get(TIED_COPY)
+    return EMBEDDING if ps.is_pipeline_first_stage() else TIED_COPY
 
 
 def _partial_over_tp(name: str, p: Tensor) -> bool:
@@ -30,22 +30,27 @@ def _partial_over_tp(name: str, p: Tensor) -> bool:
     return "q_layernorm" in name or "k_layernorm" in name or getattr(p, "sequence_parallel", False)
 
 
-def sync_grads(model: torch.nn.Module, layout: Layout) -> None:
+def sync_grads(model: torch.nn.Module, layout: Layout, master: MasterWeights) -> None:
     """Sum gradients of partially-seen replicated parameters over TP ranks, over data-parallel replicas, and over
-    the two copies of a stage-split tied embedding."""
+    the two copies of a stage-split tied embedding.
+
+    The gradients reduced are the masters' (``master.grad``): fp32 sums over the micro-batches also when the model is
+    bf16 (:mod:`.optim`), so every reduction runs in fp32. Call after :meth:`MasterWeights.grads_to_master`.
+    """
     from megatron.core import parallel_state as ps
 
     if layout.tp > 1:
-        for name, p in model.named_parameters():
-            if p.grad is not None and _partial_over_tp(name, p):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        for name, p, m in master.pairs:
+            if m.grad is not None and _partial_over_tp(name, p):
+                dist.all_reduce(m.grad, group=ps.get_tensor_model_parallel_group())
     if layout.dp > 1:
         group = ps.get_data_parallel_group()
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=group)
-    tied = _tied_pair(model)
-    if tied is not None:
+        for _, _, m in master.pairs:
+            if m.grad is not None:
+                dist.all_reduce(m.grad, group=group)
+    tied_name = _tied_name(model)
+    if tied_name is not None:
+        tied = next(m for name, _, m in master.pairs if name == tied_name)
         if tied.grad is None:
             tied.grad = torch.zeros_like(tied)
         dist.all_reduce(tied.grad, group=ps.get_embedding_group())

@@ -51,29 +51,53 @@ def load_into(model: torch.nn.Module, hf_state: dict[str, Tensor], arch: Arch, t
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
-def gather_hf(params: dict[str, Tensor], arch: Arch, layout: Layout, pp_rank: int, dp_rank: int
-              ) -> Iterator[tuple[str, Tensor]]:
+def gather_hf(params: dict[str, Tensor], arch: Arch, layout: Layout, pp_rank: int, dp_rank: int, *,
+              device: torch.device | None = None) -> Iterator[tuple[str, Tensor]]:
     """Stream full HF tensors to global rank 0, one layer at a time (a collective: every rank must iterate).
 
     Each step gathers the shards of one unit (embedding, one layer, final norm/head) from the ranks that hold it
-    (data-parallel rank 0 of every TP rank of the owning stage) to rank 0, which merges them with
-    :mod:`convert`; other ranks yield nothing.
+    (data-parallel rank 0 of every TP rank of the owning stage) to rank 0, which merges them with :mod:`convert`;
+    other ranks yield nothing. The tensors stay on the accelerator: only names, shapes and dtypes travel as a pickled
+    object; the shards themselves go by point-to-point ``send``/``recv`` into buffers on ``device`` (rank 0's model
+    device; default: where ``params`` live), and rank 0's own shards are used in place. So on CUDA the rollout engine
+    is handed CUDA tensors (SGLang takes them by IPC handle) and nothing is copied through host memory; on CPU (gloo)
+    the same code moves CPU tensors. A yielded tensor may share storage with a live parameter (a shard that needs no
+    merging, e.g. a norm weight at TP=1), so callers copy what they keep past the next optimizer step.
     """
     from megatron.core import parallel_state as ps
 
     params = {k: v.detach() for k, v in params.items()}  # this rank's megatron parameters by name
+    if device is None:
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+    rank = dist.get_rank()
     tp_rank = ps.get_tensor_model_parallel_rank()
     owner = dp_rank == 0
     per_stage = arch.num_layers // layout.pp
 
-    def gather(local: dict[str, Tensor] | None) -> list[Any] | None:
-        item = (tp_rank, {k: v.cpu() for k, v in local.items()}) if (owner and local is not None) else None
-        out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(item, out, dst=0)
+    def gather(local: dict[str, Tensor] | None) -> list[dict[str, Tensor]] | None:
+        sends = owner and local is not None
+        meta = (rank, tp_rank, [(k, tuple(v.shape), v.dtype) for k, v in local.items()]) if sends else None
+        out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(meta, out, dst=0)
         if out is None:
+            if sends:
+                for v in local.values():  # in the order of `meta`
+                    dist.send(v.contiguous(), dst=0)
             return None
-        by_rank = dict(x for x in out if x is not None)
-        return [by_rank[r] for r in range(layout.tp)]
+        by_tp: dict[int, dict[str, Tensor]] = {}
+        for item in out:  # in rank order: each sender's send()s are matched in turn
+            if item is None:
+                continue
+            src, src_tp, entries = item
+            if src == 0:
+                by_tp[src_tp] = dict(local)
+                continue
+            shards = {}
+            for k, shape, dtype in entries:
+                shards[k] = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(shards[k], src=src)
+            by_tp[src_tp] = shards
+        return [by_tp[r] for r in range(layout.tp)]
 
     first = gather({"e": params["embedding.word_embeddings.weight"]} if ps.is_pipeline_first_stage() else None)
     if first is not None:
