@@ -63,7 +63,7 @@ class DataConfig:
     solution_field: str = "solution"  # reference solution, for SFT and the dense reward; may be absent
     prompt_template: str = "{problem}"  # how a row's prompt is shown to the model; chat template applied on top
     use_chat_template: bool = False
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 192  # prompts are cut to their last N tokens; eval prompts (not cut) are budgeted N too
     tiny_train_size: int = 4000
     tiny_heldout_size: int = 200
 
@@ -91,7 +91,12 @@ class RolloutConfig:
     max_new_tokens: int = 64
     batch_size: int = 64  # sequences generated at once
     sglang_mem_fraction: float = 0.5
-    sglang_url: str | None = None  # an already running SGLang server; None starts an in-process engine
+    # ranks (GPUs) per rollout engine; the world holds world_size / tensor_parallel engines, colocated with the trainer,
+    # each started by the first rank of its group, and every iteration's prompts are split across them
+    tensor_parallel: int = 1
+    # already running SGLang servers (http://host:port), one engine each, driven by world_size / len(urls) ranks each;
+    # empty: engines in the trainer's processes
+    sglang_urls: list[str] = field(default_factory=list)
     # SGLang honours per-request sampling seeds only in deterministic-inference mode (batch-invariant kernels, slower):
     # with False (default), rollouts are not reproducible sample for sample and a resumed run does not repeat the
     # samples an uninterrupted run would have drawn. True starts sglang.Engine(enable_deterministic_inference=True).
@@ -182,6 +187,11 @@ class RunConfig:
     seed: int = 1234
     threads: int = 0  # torch CPU threads; 0 leaves the default
     progress: bool = True
+    # How long a rank may wait in one collective (broadcast, barrier, all-reduce) before the job is aborted; passed to
+    # every process-group init (NCCL's default is 10 minutes). Ranks 1..N-1 wait in a broadcast while rank 0 alone
+    # generates an RL rollout, and in a barrier while it alone runs the whole evaluation, so this must exceed the
+    # slowest rank-0-only phase (a 7B evaluation of 4 benchmarks x 16 samples takes hours).
+    collective_timeout_min: int = 360
 
 
 @dataclass
@@ -361,7 +371,8 @@ def validate(cfg: Config) -> Config:
     for path in ("sft.steps", "sft.batch_size", "rl.iterations", "rl.prompts_per_iteration", "rl.mini_batch_size",
                  "rollout.n_samples", "rollout.max_new_tokens", "rollout.batch_size", "backend.micro_batch_size",
                  "backend.tensor_parallel", "backend.pipeline_parallel", "eval.samples", "eval.max_new_tokens",
-                 "rl.algorithm.ppo_epochs", "sft.max_seq_len", "data.max_prompt_tokens"):
+                 "rl.algorithm.ppo_epochs", "sft.max_seq_len", "data.max_prompt_tokens", "run.collective_timeout_min",
+                 "rollout.tensor_parallel"):
         v = get_path(cfg, path)
         _check(v >= 1, f"{path}={v} must be at least 1")
     for path in ("sft.lr", "rl.lr"):
@@ -369,6 +380,9 @@ def validate(cfg: Config) -> Config:
         _check(v > 0, f"{path}={v} must be positive")
     _check(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0 for sampling")
     _check(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    _check(0 < cfg.rollout.sglang_mem_fraction < 1,
+           f"rollout.sglang_mem_fraction={cfg.rollout.sglang_mem_fraction} must be in (0, 1): it is the share of a "
+           "GPU's memory that SGLang takes for its weights and KV cache, the rest is left to the trainer")
     _check(cfg.eval.temperature >= 0, f"eval.temperature={cfg.eval.temperature} must be >= 0 (0 is greedy)")
     algo = cfg.rl.algorithm
     _check(algo.lampo_temperature > 0, f"rl.algorithm.lampo_temperature={algo.lampo_temperature} must be > 0")
@@ -407,6 +421,8 @@ def validate(cfg: Config) -> Config:
     from pipeline.backends import backend_class
 
     backend_class(cfg.backend.name).validate_config(cfg)
+    # what needs the model's own config (context length, heads vs TP, memory) is checked by
+    # pipeline.validate.validate_cluster, which the runner calls after loading
     return cfg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -21,15 +22,47 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init() -> None:
-    """Initialise the default process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+# How long a rank may wait in one collective before the process group (NCCL's watchdog) aborts the job. Set from
+# ``run.collective_timeout_min`` by :func:`init`; the backends' own process-group inits read it from here, so every
+# group this project creates (the default one, megatron-core's TP/PP/DP groups) gets the same bound.
+_timeout: timedelta | None = None
+
+
+def default_timeout_min() -> int:
+    from pipeline.config import RunConfig
+
+    return RunConfig().collective_timeout_min
+
+
+def collective_timeout() -> timedelta:
+    """The configured collective timeout (``run.collective_timeout_min``; its default before :func:`init`)."""
+    return _timeout if _timeout is not None else timedelta(minutes=default_timeout_min())
+
+
+def collective_timeout_minutes() -> int:
+    """:func:`collective_timeout` in whole minutes (megatron-core's ``distributed_timeout_minutes``), rounded up."""
+    return max(1, -(-int(collective_timeout().total_seconds()) // 60))
+
+
+def init(timeout_min: float | None = None) -> None:
+    """Initialise the default process group when launched by torchrun (gloo on CPU, NCCL on GPU).
+
+    ``timeout_min`` (``run.collective_timeout_min``) bounds every collective: ranks 1..N-1 wait in a broadcast or
+    barrier while rank 0 alone generates a rollout or runs an evaluation, far longer than NCCL's default 10 minutes.
+    None keeps the value set before (or the config default). Recorded even in one process, where no group is created.
+    """
+    global _timeout
+    if timeout_min is not None:
+        if timeout_min <= 0:
+            raise ValueError(f"collective timeout {timeout_min} minutes must be positive")
+        _timeout = timedelta(minutes=timeout_min)
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=collective_timeout())
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=collective_timeout())
 
 
 def broadcast(obj: Any) -> Any:
@@ -39,6 +72,15 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (pickled), in rank order, on every rank; ``[obj]`` in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def barrier() -> None:

@@ -8,7 +8,9 @@ refused with the difference shown, unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+import uuid
 
 import torch
 import yaml
@@ -20,10 +22,11 @@ from pipeline.context import Context
 from pipeline.logger import Logger
 from pipeline.stages import stage_fn
 from pipeline.state import RunDir, atomic_write_text
+from pipeline.validate import validate_cluster
 
 # fields that may change between a run and its resumption without changing what it computes
-RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "eval.", "rl.eval_every", "rl.log_samples",
-               "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
+RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_timeout_min", "eval.", "rl.eval_every",
+               "rl.log_samples", "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
 
 
 def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
@@ -45,10 +48,30 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def check_shared_run_dir(rd: RunDir) -> None:
+    """Every rank must see the run folder that rank 0 writes: checkpoints are written by several ranks and read back,
+    and each rollout engine writes its evaluation share there for rank 0 to assemble. Rank 0 writes a fresh token;
+    every rank reads it back."""
+    if dist.world_size() == 1:
+        return
+    token = dist.broadcast(uuid.uuid4().hex if dist.is_main() else None)
+    probe = rd.path(".shared_run_dir")
+    if dist.is_main():
+        atomic_write_text(probe, token)
+    dist.barrier()
+    seen = probe.read_text() if probe.is_file() else None
+    blind = [(r, host) for r, (ok, host) in enumerate(dist.all_gather((seen == token, socket.gethostname()))) if not ok]
+    if blind:
+        raise PipelineError(f"run.dir={rd.root} is not the same folder on every rank: rank(s) "
+                            f"{', '.join(f'{r} on {h}' for r, h in blind)} do not see what rank 0 wrote there; put "
+                            "run.dir on a file system that every node mounts at the same path (NFS, Lustre, ...)")
+
+
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
-    dist.init()
     quiet_libraries()
     cfg = load_config(config, overrides)
+    dist.init(cfg.run.collective_timeout_min)  # every process group of the run gets this collective timeout
+    validate_cluster(cfg)  # what needs the model's config.json: context, TP/PP vs heads and layers, GPU memory
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     rd = RunDir(cfg.run.dir)
@@ -58,6 +81,7 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
         rd.clean_partial()
         atomic_write_text(rd.path("config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.barrier()
+    check_shared_run_dir(rd)
     stages = cfg.run.stages
     if from_stage is not None:
         if from_stage not in stages:
@@ -102,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_run_arguments(sub.add_parser("run", help="run (or resume) the stages of a config"))
-    return run_command(ap.parse_args(argv))
+    from pipeline.plan import add_plan_arguments, plan_command
+
+    add_plan_arguments(sub.add_parser("plan", help="print the process layout and per-GPU memory of a config on a "
+                                                   "cluster, without a GPU (see pipeline/plan.py)"))
+    args = ap.parse_args(argv)
+    return plan_command(args) if args.cmd == "plan" else run_command(args)
 
 
 def run_main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,11 @@ before DeepSpeed moves/partitions it (no ``zero.Init``), so ZeRO-3 saves optimiz
 memory; ``save``/``load`` use DeepSpeed's own checkpoint format (sharded optimizer state), and ``export_hf`` writes
 the standard HF format. A non-finite gradient norm raises FloatingPointError with no update applied, as in the torch
 backend: ZeRO stages skip such a step themselves (and the LR schedule with it); at stage 0 we check before stepping.
+
+Colocated rollouts (``backend.colocate_rollout``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
+state to the host (``engine.offload_states`` for what DeepSpeed can move, the torch AdamW moments by hand where it
+cannot: stage 0, and stage 3 without DeepSpeed's FusedAdam) and keeps the model weights in place for the weight sync;
+the CPU tests run this branch by faking the device.
 """
 from __future__ import annotations
 
@@ -37,7 +42,6 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +51,8 @@ from torch import Tensor
 
 from lampo.record import TokenBatch, check_finite
 from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (adamw_options, entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
+from pipeline.backends.common import (adamw_options, entropy_aligned, inner_optimizer, merge_metrics,
+                                      move_optimizer_state, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
 from pipeline.models import load_hf_model
 
@@ -89,13 +94,16 @@ def init_distributed(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    from pipeline.dist import collective_timeout  # run.collective_timeout_min: rank 0 alone rolls out for long
+
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
         return
     with socket.socket() as s:  # one process without torchrun: any free local port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=collective_timeout())
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -327,12 +335,59 @@ class DeepSpeedBackend(TrainingBackend):
             self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
         dist.barrier()
 
+    # --- colocated rollouts -------------------------------------------------------------------------------------------
+    def _moves_optimizer_state_itself(self) -> bool:
+        """Whether the AdamW state is moved here rather than by ``engine.offload_states``.
+
+        Without ZeRO (stage 0) the engine's optimizer is a plain torch optimizer (or DeepSpeed's BF16 wrapper), which
+        has no ``offload_states``. At stage 3, DeepSpeed offloads optimizer state and fp32 masters only for its own
+        FusedAdam (``stage3.py``, ``offload_states``: "Offloading is supported only for DeepSpeed FusedAdam.", an
+        assertion), and this backend builds ``torch.optim.AdamW``. With ``offload_optimizer`` that state already lives
+        on the host. Stages 1-2 offload any torch optimizer's state themselves (``offload_optimizer_states``).
+        """
+        b = self.cfg.backend
+        if b.offload_optimizer:
+            return False
+        if b.zero_stage == 0:
+            return True
+        if b.zero_stage == 3:
+            from deepspeed.ops.adam.fused_adam import FusedAdam
+
+            return not isinstance(inner_optimizer(self.engine.optimizer), FusedAdam)
+        return False
+
+    def _offload_include(self) -> list[Any]:
+        """The ZeRO states ``engine.offload_states`` moves: never ``lp_params``, the model weights - the weight sync
+        to the rollout engine reads them right after :meth:`release_memory` (stage 1-2 would otherwise re-point every
+        parameter at a host buffer, and the engine would be sent host tensors), and the next step needs them."""
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
+
+        if self._moves_optimizer_state_itself():  # stage 3 without FusedAdam: gradients' buffers only
+            return [S.lp_grads, S.contiguous_grad_buffer]
+        return [S.optim_states, S.hp_params, S.lp_grads, S.contiguous_grad_buffer]
+
+    def _offloads(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.backend.colocate_rollout
+
     def release_memory(self) -> None:
-        if self.device.type == "cuda":
-            if self.cfg.backend.zero_stage > 0:
-                self.engine.offload_states()
+        """Move the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient
+        partitions) to the host and free cached accelerator memory; the model weights stay for the weight sync."""
+        if not self._offloads():
+            return
+        if self._moves_optimizer_state_itself():
+            move_optimizer_state(self.engine.optimizer, "cpu")
+        if self.cfg.backend.zero_stage > 0:
+            self.engine.offload_states(include=self._offload_include())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
     def reacquire_memory(self) -> None:
-        if self.device.type == "cuda" and self.cfg.backend.zero_stage > 0:
+        if not self._offloads():
+            return
+        from deepspeed.accelerator import get_accelerator
+
+        if self._moves_optimizer_state_itself():
+            move_optimizer_state(self.engine.optimizer, get_accelerator().current_device_name())
+        if self.cfg.backend.zero_stage > 0:
             self.engine.reload_states()

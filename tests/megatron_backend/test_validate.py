@@ -39,7 +39,7 @@ def test_load_config_runs_the_backend_check(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="pipeline_parallel=3"):
-        load_config(None, ["backend=megatron", "pipeline_parallel=3", "tensor_parallel=1"])
+        load_config(None, ["backend=megatron", "pipeline_parallel=3", "backend.tensor_parallel=1"])
 
 
 def test_unmapped_model_family_is_refused_at_config_time(tmp_path, monkeypatch):

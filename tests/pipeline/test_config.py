@@ -15,7 +15,7 @@ def test_defaults_validate():
 def test_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("rl:\n  iterations: 7\n  algorithm:\n    clip_high: 0.3\n")
-    cfg = load_config(f, ["rl.lr=5e-5", "tensor_parallel=1", "backend=torch", "eval.benchmarks=tiny,math500",
+    cfg = load_config(f, ["rl.lr=5e-5", "backend.tensor_parallel=1", "backend=torch", "eval.benchmarks=tiny,math500",
                           "rl.algorithm.dual_clip=3.0", "rl.reward.dense=null"])
     assert cfg.rl.iterations == 7 and cfg.rl.algorithm.clip_high == 0.3
     assert cfg.rl.lr == 5e-5 and cfg.backend.name == "torch"
@@ -24,10 +24,12 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_bare_leaf_and_section_keys_resolve():
-    assert resolve_key("tensor_parallel") == "backend.tensor_parallel"
+    assert resolve_key("pipeline_parallel") == "backend.pipeline_parallel"
     assert resolve_key("backend") == "backend.name"
     with pytest.raises(ConfigError, match="ambiguous"):
         resolve_key("lr")  # sft.lr and rl.lr
+    with pytest.raises(ConfigError, match="write one of: backend.tensor_parallel, rollout.tensor_parallel"):
+        resolve_key("tensor_parallel")
     with pytest.raises(ConfigError, match="did you mean"):
         resolve_key("rl.iteratons")
 
@@ -42,6 +44,8 @@ def test_bare_leaf_and_section_keys_resolve():
     (["run.stages=[sft,train]"], "run.stages[]='train'"),
     (["rl.algorithm.clip_low=1.5"], "clip_low=1.5 must be below 1"),
     (["backend.adam_beta2=1.0"], "backend.adam_beta2=1.0 must be in [0, 1)"),
+    (["rollout.sglang_mem_fraction=1.0"], "rollout.sglang_mem_fraction=1.0 must be in (0, 1)"),
+    (["rollout.sglang_mem_fraction=0"], "rollout.sglang_mem_fraction=0.0 must be in (0, 1)"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -80,3 +84,129 @@ def test_training_data_errors_name_file_line_and_field(tmp_path):
     assert rows == [{"id": f"{f}:1", "problem": "1+1?", "answer": "2", "solution": ""}]
     with pytest.raises(PipelineError, match="does not exist"):
         read_records(str(tmp_path / "missing.jsonl"))
+
+
+# --- the collective timeout reaches every process-group init ---------------------------------------------------------
+
+def test_collective_timeout_default_is_hours():
+    from pathlib import Path
+
+    assert load_config(None).run.collective_timeout_min >= 180  # NCCL's own default (10 minutes) kills rank-0 phases
+    lampo_7b = Path(__file__).resolve().parents[2] / "configs" / "lampo_7b.yaml"
+    assert load_config(lampo_7b, ["backend=torch", "backend.tensor_parallel=1"]).run.collective_timeout_min >= 180
+    with pytest.raises(ConfigError, match="run.collective_timeout_min=0 must be at least 1"):
+        load_config(None, ["run.collective_timeout_min=0"])
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    """torch.distributed with no group yet, whose init_process_group only records its arguments."""
+    import torch.distributed as tdist
+
+    from pipeline import dist
+
+    rec = _Recorder()
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", rec)
+    monkeypatch.setattr(dist, "_timeout", None, raising=False)  # restored after the test
+    return rec
+
+
+def test_dist_init_passes_the_timeout_to_the_default_group(fake_group, monkeypatch):
+    from datetime import timedelta
+
+    import torch
+
+    from pipeline import dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dist.init(420)
+    ((args, kwargs),) = fake_group.calls
+    assert args == ("gloo",) and kwargs["timeout"] == timedelta(minutes=420)
+    assert dist.collective_timeout() == timedelta(minutes=420) and dist.collective_timeout_minutes() == 420
+
+
+def test_dist_init_in_one_process_records_the_timeout_without_a_group(fake_group, monkeypatch):
+    from datetime import timedelta
+
+    from pipeline import dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.collective_timeout() == timedelta(minutes=load_config(None).run.collective_timeout_min)
+    dist.init(90)
+    assert fake_group.calls == [] and dist.collective_timeout() == timedelta(minutes=90)
+
+
+def test_runner_loads_the_config_before_init_and_passes_its_timeout(monkeypatch):
+    from pipeline import runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(timeout_min=None):
+        seen.append(timeout_min)
+        raise Stop
+
+    monkeypatch.setattr(runner.dist, "init", fake_init)
+    with pytest.raises(Stop):
+        runner.run(None, ["run.collective_timeout_min=500"])
+    assert seen == [500]
+
+
+def test_megatron_groups_get_the_timeout(fake_group, monkeypatch):
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as tdist
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from pipeline import dist
+    from pipeline.backends.megatron_backend.parallel import Layout, init_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init(400)
+    megatron = _Recorder()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: None)
+    monkeypatch.setattr(tdist, "get_world_size", lambda *a, **k: 1)
+    monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(ps, "initialize_model_parallel", megatron)
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", lambda *a, **k: None)
+    init_parallel(Layout(1, 1, 1), seed=0, use_cuda=True)  # CUDA path: NCCL, no cpu_compat patching
+    ((args, kwargs),) = fake_group.calls
+    assert args == ("nccl",) and kwargs["timeout"] == timedelta(minutes=400)
+    ((_, kwargs),) = megatron.calls
+    assert kwargs["distributed_timeout_minutes"] == 400
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_deepspeed_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
+    from datetime import timedelta
+
+    import torch
+
+    from pipeline import dist
+    from pipeline.backends.deepspeed_backend import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init(300)
+    if torchrun:
+        monkeypatch.setenv("RANK", "0")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    init_distributed(torch.device("cpu"))
+    ((_, kwargs),) = fake_group.calls
+    assert kwargs["timeout"] == timedelta(minutes=300)

@@ -6,8 +6,9 @@ on an 8-sequence batch cut into micro-batches of 3. With 2 ranks that is 2 micro
 zero-weight dummy on rank 1, so the uneven-shard path is exercised. Checked against :class:`TorchBackend`: the
 metrics, the log-probs and the updated weights (fp32, CPU), also with activation recomputation. Also: save -> load
 resumes identically (the next step after loading equals the next step without the round trip), a non-finite gradient
-raises without updating anything (ZeRO 0/2/3), ZeRO-3's ``export_hf`` gathers the full weights, and
-``validate_config`` refuses layouts this backend cannot run.
+raises without updating anything (ZeRO 0/2/3), ZeRO-3's ``export_hf`` gathers the full weights,
+``validate_config`` refuses layouts this backend cannot run, and the colocated-rollout memory release (its CUDA branch,
+with the device faked) moves the optimizer state and round-trips exactly at ZeRO 0/2/3.
 """
 from __future__ import annotations
 
@@ -167,6 +168,65 @@ def test_validate_config_refuses_unsupported_layouts(field, value, match):
     with pytest.raises(ConfigError, match=match):
         DeepSpeedBackend.validate_config(cfg)
     DeepSpeedBackend.validate_config(make_cfg(0))  # the unchanged config passes
+
+
+# --- colocated rollouts: the accelerator branch, faked on CPU --------------------------------------------------------
+class MovedTensors:
+    """Record ``id`` of every floating tensor handed to ``Tensor.to`` while active (stands in for "moved to the host":
+    on CPU the move itself is a no-op)."""
+
+    def __enter__(self):
+        self.ids: set[int] = set()
+        real = torch.Tensor.to
+
+        def to(t, *args, **kwargs):
+            if t.is_floating_point():
+                self.ids.add(id(t))
+            return real(t, *args, **kwargs)
+
+        torch.Tensor.to = to
+        return self
+
+    def __exit__(self, *exc):
+        del torch.Tensor.to  # back to TensorBase's method
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_release_and_reacquire_around_a_rollout(ckpt, stage):
+    """release_memory -> (weight sync) -> reacquire_memory on the CUDA branch (device faked): the AdamW moments go to
+    the host and back (stage 3: DeepSpeed refuses to offload a torch AdamW's state; stage 0: no ZeRO optimizer to ask),
+    the weights stay where they are and are what the sync reads, and the next step equals a run without the trip."""
+    from pipeline.backends.deepspeed_backend import DeepSpeedBackend
+
+    ref = make_backend(DeepSpeedBackend, ckpt, stage)
+    ref.sft_step(make_batch(0))
+    want_step, want_weights = ref.sft_step(make_batch(1)), dict(ref.named_full_tensors())
+
+    b = make_backend(DeepSpeedBackend, ckpt, stage)
+    b.sft_step(make_batch(0))
+    before = dict(b.named_full_tensors())
+    storage = {n: getattr(p, "ds_tensor", p).data_ptr() for n, p in b.module.named_parameters()}
+    adamw = getattr(b.engine.optimizer, "optimizer", b.engine.optimizer)  # inside ZeRO's wrapper, if any
+    moments = [v for st in adamw.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments
+    real_device = b.device
+    b.device = torch.device("cuda")  # what release_memory / reacquire_memory decide on
+    try:
+        with MovedTensors() as moved:
+            b.release_memory()
+        assert {id(t) for t in moments} <= moved.ids, "release_memory left the AdamW moments on the accelerator"
+        assert {n: getattr(p, "ds_tensor", p).data_ptr() for n, p in b.module.named_parameters()} == storage, \
+            "release_memory moved the model weights, which the weight sync reads next"
+        synced = dict(b.named_full_tensors())
+        b.reacquire_memory()
+    finally:
+        b.device = real_device
+    for k, v in before.items():
+        assert torch.equal(synced[k], v), k
+    assert b.sft_step(make_batch(1)) == want_step
+    after = dict(b.named_full_tensors())
+    for k, v in want_weights.items():
+        assert torch.equal(after[k], v), k
 
 
 # --- two processes over gloo ------------------------------------------------------------------------------------------

@@ -16,6 +16,6 @@ Layout of this package - the model is separate from how it is parallelised:
 * :mod:`.cpu_compat` - the narrow, version-pinned redirection of megatron-core's CUDA assumptions that lets all of
   this run on CPU over gloo (tests and the tiny run); enabled automatically when CUDA is absent.
 
-Launch with ``torchrun --nproc_per_node N -m pipeline run CONFIG backend=megatron tensor_parallel=T
+Launch with ``torchrun --nproc_per_node N -m pipeline run CONFIG backend=megatron backend.tensor_parallel=T
 pipeline_parallel=P``; N must be T x P x DP.
 """

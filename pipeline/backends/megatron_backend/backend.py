@@ -116,7 +116,10 @@ class MegatronBackend(TrainingBackend):
     def validate_config(cls, cfg: Config) -> None:
         """Refuse layouts the model or the world cannot take (at config time, naming the numbers)."""
         b = cfg.backend
-        heads, kv_heads, layers = _model_shape(cfg)
+        shape = _model_shape(cfg)
+        # a hub id's shape is not read here (no download at load): pipeline.validate.validate_cluster checks heads and
+        # layers against the model's real config before any stage runs; the world-size split is checked either way
+        heads, kv_heads, layers = shape or (b.tensor_parallel, b.tensor_parallel, b.pipeline_parallel)
         try:
             check_layout(Layout(b.tensor_parallel, b.pipeline_parallel), num_heads=heads, num_kv_heads=kv_heads,
                          num_layers=layers, world_size=world_size_from_env())
@@ -350,14 +353,15 @@ class MegatronBackend(TrainingBackend):
             self.reference.to(self.device)
 
 
-def _model_shape(cfg: Config) -> tuple[int, int, int]:
-    """(attention heads, key/value heads, layers) of the configured model, read without loading weights."""
+def _model_shape(cfg: Config) -> tuple[int, int, int] | None:
+    """(attention heads, key/value heads, layers) of the configured model, read without loading weights; None for a
+    hub id (not downloaded at config load)."""
     if cfg.model.path == "tiny":
         t = cfg.model.tiny
         return t.num_heads, t.num_kv_heads, t.num_layers
     config_json = Path(cfg.model.path) / "config.json"
-    if not config_json.is_file():  # a hub id: the shape is checked again when the backend is built
-        return 1, 1, 1
+    if not config_json.is_file():
+        return None
     c = json.loads(config_json.read_text())
     if c.get("model_type") not in FAMILIES:
         from pipeline.config import ConfigError

@@ -56,6 +56,8 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    from pipeline.dist import collective_timeout, collective_timeout_minutes  # run.collective_timeout_min
+
     if not use_cuda:
         from pipeline.backends.megatron_backend import cpu_compat
 
@@ -68,7 +70,7 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
             os.environ.setdefault("WORLD_SIZE", "1")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=collective_timeout())
     if dist.get_world_size() != layout.world_size:
         raise ValueError(f"world size {dist.get_world_size()} is not tensor_parallel x pipeline_parallel x "
                          f"data_parallel = {layout.tp} x {layout.pp} x {layout.dp}")
@@ -77,7 +79,8 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
                 layout.tp, layout.pp):
             raise RuntimeError("megatron-core parallel state is already initialised with another layout")
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+                                     distributed_timeout_minutes=collective_timeout_minutes())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
