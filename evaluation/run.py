@@ -8,13 +8,19 @@ Output layout under ``out_dir``::
     <benchmark>/responses.jsonl       every response with its extracted answer and grade, in problem order
     <benchmark>/responses.partial.jsonl   appended after each batch while running; folded into the above at the end
 
-Resuming: run the same call again. Problems whose ``k`` responses are already in ``responses.jsonl`` or the partial
+Resuming: run the same call again. Problems whose ``k`` responses are already in ``responses.jsonl`` or a partial
 file are not generated again; a line torn by a kill is dropped and its problem regenerated. Each batch's sampling seed
 depends only on ``seed``, the benchmark and the batch's first problem, so a run resumed after a kill between batches
 samples exactly like an uninterrupted one (given an engine that honours ``SamplingParams.seed``). Changing a
 generation setting (samples, temperature, top_p, max_new_tokens, seed, prompt style, model, data source) in an
 existing folder is refused rather than mixing responses; ``limit`` may change (problems already done are reused, and
 ``responses.jsonl`` then holds the problems of the latest call).
+
+Sharding over several engines: problems are cut into fixed batches of ``batch_size`` (batch b holds problems
+``b*batch_size ...``); the call with ``shard=(i, count)`` generates batches b with ``b % count == i`` into its own
+``responses.partial.<i>.jsonl`` and returns None; a call without ``shard`` afterwards finds every problem on disk
+and assembles ``responses.jsonl`` and the results, exactly as one engine would have written them (same batches, same
+seeds).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from pipeline.rollout.base import RolloutEngine, SamplingParams
 log = logging.getLogger("evaluation")
 
 FINAL, PARTIAL, META = "responses.jsonl", "responses.partial.jsonl", "meta.json"
+PARTIALS = "responses.partial*.jsonl"  # the partial file of an unsharded call and those of every shard
 
 
 class ResumeMismatch(ValueError):
@@ -61,13 +68,15 @@ def evaluate(
     progress: bool = True,
     prompt_style: str = "auto",
     model_id: str | None = None,
-) -> dict[str, Any]:
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any] | None:
     """Evaluate ``engine`` on each benchmark (``NAME`` or ``NAME=SOURCE``, see :mod:`evaluation.benchmarks`).
 
     ``samples`` responses per problem (k); ``temperature`` 0 is greedy. ``batch_size`` problems go to the engine per
     call (``batch_size * samples`` sequences) and are written before the next call. ``model_id`` (e.g. the checkpoint
     path) is recorded and checked on resume. All benchmarks are loaded before anything is generated, so a missing
-    file fails fast. Returns the ``results.json`` content: ``{"settings": ..., "benchmarks": {name: {"metrics": {...},
+    file fails fast. ``shard=(i, count)``: generate only this engine's share and return None (module docstring).
+    Returns the ``results.json`` content: ``{"settings": ..., "benchmarks": {name: {"metrics": {...},
     "breakdown": ..., "length": ..., "skipped_rows": [...], ...}}}``.
     """
     if samples < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -92,9 +101,12 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": {**settings, "limit": limit, "timeout_s": timeout_s}, "benchmarks": {}}
     for lb in loaded:
-        records = run_benchmark(engine, tokenizer, lb, settings, out / lb.benchmark.name,
-                                batch_size=batch_size, timeout_s=timeout_s, progress=progress)
-        results["benchmarks"][lb.benchmark.name] = summarize(lb, records, samples, timeout_s)
+        records = run_benchmark(engine, tokenizer, lb, settings, out / lb.benchmark.name, batch_size=batch_size,
+                                timeout_s=timeout_s, progress=progress, shard=shard)
+        if records is not None:
+            results["benchmarks"][lb.benchmark.name] = summarize(lb, records, samples, timeout_s)
+    if shard is not None:
+        return None
     write_json_atomic(out / "results.json", results)
     write_report(out / "report.md", results)
     return results
@@ -105,27 +117,36 @@ def evaluate(
 
 
 def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, settings: dict[str, Any], folder: Path,
-                  *, batch_size: int, timeout_s: float, progress: bool) -> list[list[dict[str, Any]]]:
-    """Generate and grade every problem not already on disk; returns ``records[p][s]`` in problem order."""
+                  *, batch_size: int, timeout_s: float, progress: bool,
+                  shard: tuple[int, int] | None = None) -> list[list[dict[str, Any]]] | None:
+    """Generate and grade every problem (of this shard) not already on disk; returns ``records[p][s]`` in problem
+    order, or None for a shard."""
     b, k = lb.benchmark, settings["samples"]
+    index, count = shard if shard is not None else (0, 1)
+    partial = folder / (PARTIAL if shard is None else f"responses.partial.{index}.jsonl")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {**settings, "benchmark": b.name, "source": lb.source}
     _check_meta(folder / META, meta)
-    done = _load_done(folder, k)
-    # a problem whose text or gold answer changed since its responses were written (an edited file) is redone
-    todo = [(i, p) for i, p in enumerate(lb.problems)
-            if p.id not in done or (done[p.id][0]["prompt"], done[p.id][0]["gold"]) != (p.text, p.answer)]
+    done = _load_done(folder, k, own=partial)
+
+    def stale(p: Problem) -> bool:  # not on disk, or its text or gold answer changed since (an edited file)
+        return p.id not in done or (done[p.id][0]["prompt"], done[p.id][0]["gold"]) != (p.text, p.answer)
+
+    starts = range(0, len(lb.problems), batch_size)
+    chunks = [[(i, lb.problems[i]) for i in range(s, min(s + batch_size, len(lb.problems))) if stale(lb.problems[i])]
+              for n, s in enumerate(starts) if n % count == index]
+    chunks = [c for c in chunks if c]
+    todo = [x for c in chunks for x in c]
     grader = GRADERS[b.grader]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(lb.problems), initial=len(lb.problems) - len(todo), desc=b.name, unit="problem",
-               disable=not progress)
+               disable=not progress or index > 0)
     params = dict(n=k, temperature=settings["temperature"], top_p=settings["top_p"],
                   max_new_tokens=settings["max_new_tokens"])
     style = settings["prompt_style"]
-    with open(folder / PARTIAL, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+    with open(partial, "a", encoding="utf-8") as f:
+        for chunk in chunks:
             prompts = [encode_prompt(tokenizer, p.text, chat=b.chat, style=style) for _, p in chunk]
             batch_seed = (settings["seed"] * 1_000_003 + zlib.crc32(b.name.encode()) + chunk[0][0]) % 2**31
             gens = engine.generate(prompts, SamplingParams(**params, seed=batch_seed))
@@ -145,9 +166,12 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
             os.fsync(f.fileno())
             bar.update(len(chunk))
     bar.close()
+    if shard is not None:
+        return None
     records = [done[p.id] for p in lb.problems]
     _write_lines_atomic(folder / FINAL, [json.dumps(r, ensure_ascii=False) + "\n" for rs in records for r in rs])
-    (folder / PARTIAL).unlink(missing_ok=True)
+    for f in folder.glob(PARTIALS):
+        f.unlink(missing_ok=True)
     return records
 
 
@@ -172,12 +196,12 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     write_json_atomic(path, meta)
 
 
-def _load_done(folder: Path, k: int) -> dict[str, list[dict[str, Any]]]:
-    """Problems with all ``k`` responses on disk. Unparsable lines (a write torn by a kill) are dropped, and the
-    partial file is rewritten without them so that new batches append after a clean line end."""
+def _load_done(folder: Path, k: int, own: Path) -> dict[str, list[dict[str, Any]]]:
+    """Problems with all ``k`` responses on disk (the final file and every partial file). Unparsable lines (a write
+    torn by a kill) are dropped, and this call's own partial file ``own`` is rewritten without them so that new
+    batches append after a clean line end (another shard's file is its writer's to mend)."""
     by_id: dict[str, dict[int, dict[str, Any]]] = {}
-    for name in (FINAL, PARTIAL):
-        path = folder / name
+    for path in [folder / FINAL, *sorted(folder.glob(PARTIALS))]:
         if not path.is_file():
             continue
         good, torn = [], 0
@@ -188,7 +212,7 @@ def _load_done(folder: Path, k: int) -> dict[str, list[dict[str, Any]]]:
                 good.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 torn += 1
-        if torn and name == PARTIAL:
+        if torn and path == own:
             log.warning("%s: dropped %d torn line(s) from an interrupted run", path, torn)
             _write_lines_atomic(path, good)
     return {pid: [s[i] for i in range(k)] for pid, s in by_id.items() if set(s) == set(range(k))}
@@ -234,7 +258,9 @@ def summarize(lb: LoadedBenchmark, records: list[list[dict[str, Any]]], k: int, 
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temporary name of this process's own, then rename: shards of one evaluation may write the same
+    file (meta.json) at once, and each rename is whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(lines))
         f.flush()

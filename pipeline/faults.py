@@ -1,5 +1,6 @@
 """Fault injection for the kill-and-resume tests: ``LAMPO_FAULT=POINT[:N]`` SIGKILLs the process the N-th time (default
-1st) execution reaches ``fault_point(POINT)``. Unset (always, outside tests), it costs one dict lookup."""
+1st) execution reaches ``fault_point(POINT)``; with ``LAMPO_FAULT_RANK=R`` only the process of rank R (torchrun's
+``RANK``) dies. Unset (always, outside tests), it costs one dict lookup."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,9 @@ def fault_point(name: str) -> None:
         return
     point, _, nth = spec.partition(":")
     if point != name:
+        return
+    only = os.environ.get("LAMPO_FAULT_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(nth or 1):

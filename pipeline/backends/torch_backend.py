@@ -1,6 +1,9 @@
 """Single-process PyTorch training backend: a Hugging Face causal LM, AdamW, warm-up + cosine LR.
 
-The reference implementation that the DeepSpeed and Megatron backends are tested against.
+The reference implementation that the DeepSpeed and Megatron backends are tested against. It does not split training
+across processes: launched by torchrun (for rollouts on every rank, :mod:`pipeline.rollout.groups`), every rank
+trains a replica on the whole batch, so the weights stay identical on every rank without communication, and the main
+rank alone writes checkpoints. The ``deepspeed`` and ``megatron`` backends split training over the ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lampo.record import TokenBatch
+from pipeline import dist
 from pipeline.backends.base import TrainingBackend
 from pipeline.backends.common import (adamw_options, entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
                                       token_logprobs_from_logits, warmup_cosine)
@@ -26,6 +30,7 @@ class TorchBackend(TrainingBackend):
     def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
         self.cfg = cfg
+        self.is_main = dist.is_main()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_hf_model(model_path, cfg, self.device)
         self.model.train()
@@ -99,6 +104,8 @@ class TorchBackend(TrainingBackend):
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
+        if not self.is_main:
+            return  # every rank holds the same replica
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
@@ -117,7 +124,8 @@ class TorchBackend(TrainingBackend):
         set_rng_state(state["rng"])
 
     def export_hf(self, path: str | Path) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+        if self.is_main:
+            self.model.save_pretrained(path, safe_serialization=True)
 
     def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
         yield from self.model.state_dict().items()

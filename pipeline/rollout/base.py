@@ -52,6 +52,11 @@ class RolloutEngine(ABC):
             tensors.update(load_file(f))
         self.update_weights(tensors.items())
 
+    def shard_granule(self, n: int) -> int:
+        """How many prompts (of ``n`` samples each) a call may be split in without changing what is sampled
+        (:mod:`pipeline.rollout.groups`). Default 1: the engine seeds each request on its own."""
+        return 1
+
     def release_memory(self) -> None:  # noqa: B027 - optional hook
         """Free accelerator memory (weights, KV cache) while a colocated trainer runs (no-op on CPU)."""
 

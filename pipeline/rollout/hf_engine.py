@@ -26,14 +26,22 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """Batches of whole prompts, at most ``rollout.batch_size`` sequences (at least one prompt); each batch is
+        sampled from one random stream seeded with ``params.seed + j``, j the request index of its first sequence, so
+        a call split across engines at batch boundaries (:meth:`shard_granule`) samples exactly what one call would."""
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]  # ordered by prompt, then sample
+        per_batch = self.shard_granule(params.n) * params.n
         out: list[Generation] = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(jobs), self.batch_size):
-                out += self._generate_batch(jobs[start:start + self.batch_size], params)
+            for start in range(0, len(jobs), per_batch):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed + start)
+                out += self._generate_batch(jobs[start:start + per_batch], params)
         return out
+
+    def shard_granule(self, n: int) -> int:
+        """Prompts per generation batch: the unit a call can be split in without changing what is sampled."""
+        return max(1, self.batch_size // n)
 
     def _generate_batch(self, jobs: list[tuple[int, list[int]]], params: SamplingParams) -> list[Generation]:
         width = max(len(p) for _, p in jobs)

@@ -4,9 +4,12 @@ memory release for colocation with the trainer. Written against the release pinn
 
 Two ways to reach SGLang, behind the same methods:
 
-* ``rollout.sglang_url`` unset (default): an in-process offline engine, ``sglang.Engine(model_path=...,
-  mem_fraction_static=rollout.sglang_mem_fraction, skip_tokenizer_init=True, ...)`` (:func:`engine_kwargs`);
-* ``rollout.sglang_url`` set: an already running ``sglang.launch_server`` reached over HTTP (:data:`HTTP_ROUTES`).
+* ``rollout.sglang_urls`` empty (default): an in-process offline engine per rollout group
+  (:mod:`pipeline.rollout.groups`), ``sglang.Engine(model_path=..., tp_size=rollout.tensor_parallel,
+  base_gpu_id=<the group leader's LOCAL_RANK>, mem_fraction_static=rollout.sglang_mem_fraction,
+  skip_tokenizer_init=True, ...)`` (:func:`engine_kwargs`), on the GPUs of the group's ranks;
+* ``rollout.sglang_urls`` set: already running ``sglang.launch_server`` instances reached over HTTP
+  (:data:`HTTP_ROUTES`), one per rollout group (e.g. one per node, or an ``sglang-router`` in front of several).
   Tensors cannot travel over HTTP, so :meth:`SGLangEngine.update_weights` writes them as a checkpoint folder
   (safetensors + the model's config.json) and asks the server to load it: the server must see this machine's file
   system (same host or a shared disk).
@@ -71,6 +74,7 @@ import torch
 from torch import Tensor
 
 from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
+from pipeline.rollout.groups import RolloutGroups
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -86,7 +90,8 @@ MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 # Every sglang.Engine method this module calls, with the keywords it passes ("__init__": the constructor's keywords,
 # which sglang.Engine forwards to ServerArgs). _call enforces it; the contract test checks it against the release.
 ENGINE_API: dict[str, tuple[str, ...]] = {
-    "__init__": ("model_path", "skip_tokenizer_init", "dtype", "mem_fraction_static", "random_seed",
+    "__init__": ("model_path", "tp_size", "base_gpu_id", "skip_tokenizer_init", "dtype", "mem_fraction_static",
+                 "random_seed",
                  "trust_remote_code", "enable_memory_saver", "enable_deterministic_inference"),
     "generate": ("input_ids", "sampling_params", "return_logprob"),
     "begin_weight_update": (),
@@ -120,8 +125,15 @@ def import_sglang() -> Any:
 
 
 def engine_kwargs(model_path: str | Path, cfg: Config) -> dict[str, Any]:
-    """The keywords for ``sglang.Engine(...)`` (``ServerArgs`` field names in the pinned release)."""
-    return dict(model_path=str(model_path), skip_tokenizer_init=True, dtype=cfg.model.dtype,
+    """The keywords for ``sglang.Engine(...)`` (``ServerArgs`` field names in the pinned release). The engine spans
+    ``rollout.tensor_parallel`` GPUs from this rank's (its group leader's) local GPU on: SGLang places TP worker i on
+    GPU ``base_gpu_id + i`` (``gpu_id_step`` 1)."""
+    k, local_world = cfg.rollout.tensor_parallel, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world % k:
+        raise ValueError(f"rollout.tensor_parallel={k} must divide the {local_world} GPUs per node: a rollout "
+                         "engine cannot span two nodes")
+    return dict(model_path=str(model_path), tp_size=k, base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")),
+                skip_tokenizer_init=True, dtype=cfg.model.dtype,
                 mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=cfg.run.seed,
                 trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.backend.colocate_rollout,
                 enable_deterministic_inference=cfg.rollout.sglang_deterministic)
@@ -188,7 +200,7 @@ class SGLangHTTPClient:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"SGLang server {self.url}{route} answered {e.code}: {e.read()[:500]!r}") from None
         except urllib.error.URLError as e:
-            raise RuntimeError(f"cannot reach the SGLang server at {self.url} ({e.reason}); is rollout.sglang_url "
+            raise RuntimeError(f"cannot reach the SGLang server at {self.url} ({e.reason}); is rollout.sglang_urls "
                                "right and the server running?") from None
         if not body:
             return None
@@ -234,8 +246,8 @@ class SGLangEngine(RolloutEngine):
         self.generating = 0  # generate calls in progress (a release must wait for an idle engine)
 
     def _start(self, cfg: Config) -> Any:
-        if cfg.rollout.sglang_url:
-            return SGLangHTTPClient(cfg.rollout.sglang_url)
+        if cfg.rollout.sglang_urls:  # one server per rollout group
+            return SGLangHTTPClient(cfg.rollout.sglang_urls[RolloutGroups.from_config(cfg).engine_index])
         sglang = import_sglang()
         os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"  # log-probs before temperature (module docstring)
         kwargs = engine_kwargs(self.model_path, cfg)

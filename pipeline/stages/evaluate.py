@@ -2,6 +2,9 @@
 then SFT, then RL), log to TensorBoard, and write a comparison table to ``<run>/eval/summary.md``.
 
 Each checkpoint's evaluation resumes on its own after a kill (the evaluation package skips problems already written).
+Problems are split across the rollout engines (:mod:`pipeline.rollout.groups`) in fixed batches with the seeds one
+engine would use; the main rank then assembles the results from the files every engine wrote (the run folder must be
+on a file system every rank sees).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from evaluation.run import evaluate
 from pipeline import dist
 from pipeline.context import Context
 from pipeline.rollout import RolloutEngine, engine_class
+from pipeline.rollout.groups import RolloutGroups
 from pipeline.state import atomic_write_text
 
 CHECKPOINT_STEP = {"base": 0, "sft": 1, "rl": 2}  # x-axis of the eval scalars in TensorBoard
@@ -23,12 +27,30 @@ def checkpoints(ctx: Context) -> dict[str, Path]:
     return found or {"base": ctx.base_model}
 
 
-def evaluate_engine(ctx: Context, engine: RolloutEngine, out_dir: Path, model_id: str) -> dict:
+def evaluate_engine(ctx: Context, engine: RolloutEngine, out_dir: Path, model_id: str,
+                    shard: tuple[int, int] | None = None) -> dict | None:
     e = ctx.cfg.eval
     return evaluate(engine, ctx.tokenizer, e.benchmarks, samples=e.samples, temperature=e.temperature, top_p=e.top_p,
                     max_new_tokens=e.max_new_tokens, out_dir=out_dir, data_dir=e.data_dir, limit=e.limit,
                     seed=ctx.cfg.run.seed, batch_size=max(1, ctx.cfg.rollout.batch_size // e.samples),
-                    timeout_s=ctx.cfg.rl.reward.timeout_s, progress=ctx.cfg.run.progress, model_id=model_id)
+                    timeout_s=ctx.cfg.rl.reward.timeout_s, progress=ctx.cfg.run.progress, model_id=model_id,
+                    shard=shard)
+
+
+def evaluate_sharded(ctx: Context, groups: RolloutGroups, engine: RolloutEngine | None, out_dir: Path,
+                     model_id: str) -> dict | None:
+    """Every engine evaluates its share; the main rank (which leads engine 0) assembles and returns the results,
+    the other ranks return None. Every rank must call this."""
+    if groups.n_engines == 1:
+        res = evaluate_engine(ctx, engine, out_dir, model_id) if engine is not None else None
+        dist.barrier()
+        return res
+    if engine is not None:
+        evaluate_engine(ctx, engine, out_dir, model_id, shard=(groups.engine_index, groups.n_engines))
+    dist.barrier()
+    res = evaluate_engine(ctx, engine, out_dir, model_id) if dist.is_main() else None  # generates nothing
+    dist.barrier()
+    return res
 
 
 def summary_table(all_results: dict[str, dict]) -> str:
@@ -51,14 +73,16 @@ def run(ctx: Context) -> None:
     st = ctx.rd.state("evaluate")
     st.status = "running"
     results = {}
+    groups = RolloutGroups.from_config(ctx.cfg)
     for name, path in checkpoints(ctx).items():
-        if dist.is_main():  # evaluation generates on one process; the other ranks wait
-            engine = engine_class(ctx.cfg.rollout.engine)(path, ctx.tokenizer, ctx.cfg)
-            results[name] = evaluate_engine(ctx, engine, ctx.rd.path("eval", name), str(path))
+        engine = engine_class(ctx.cfg.rollout.engine)(path, ctx.tokenizer, ctx.cfg) if groups.is_leader else None
+        res = evaluate_sharded(ctx, groups, engine, ctx.rd.path("eval", name), str(path))
+        if engine is not None:
             engine.shutdown()
-            ctx.log.scalars("eval", {k.removeprefix("eval/"): v for k, v in scalars(results[name]).items()},
+        if res is not None:
+            results[name] = res
+            ctx.log.scalars("eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()},
                             CHECKPOINT_STEP[name])
-        dist.barrier()
     if dist.is_main():
         table = summary_table(results)
         atomic_write_text(ctx.rd.path("eval", "summary.md"), table)

@@ -12,8 +12,11 @@ Where this departs from the paper (arXiv 2605.21235), or fills a gap it leaves:
 * with ``rl.algorithm.dynamic_sampling`` the groups whose rewards are all equal are dropped (DAPO); no re-sampling
   is done to refill the batch.
 
-Only the main rank generates and scores; the scored batch is broadcast so every rank trains on the same data.
-The prompt order and the sampling seed are functions of ``(run.seed, iteration)``, so a resumed run repeats exactly.
+Every rollout engine generates and scores a share of each iteration's prompts (:mod:`pipeline.rollout.groups`:
+``rollout.tensor_parallel`` ranks per engine, every sample of a prompt on one engine); the scored shards are gathered
+so every rank trains on the same batch, the one a single engine would have produced. The prompt order and the
+sampling seed are functions of ``(run.seed, iteration)``, so a resumed run repeats exactly with an engine that honours
+seeds (HF; SGLang only with ``rollout.sglang_deterministic``).
 """
 from __future__ import annotations
 
@@ -32,20 +35,24 @@ from pipeline.context import Context
 from pipeline.data import format_prompt, load_rows
 from pipeline.faults import fault_point
 from pipeline.rollout import RolloutEngine, SamplingParams, engine_class
+from pipeline.rollout.groups import RolloutGroups, all_gather, shard_params
 from pipeline.stages.sft import batch_indices
 
 
-def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int) -> RolloutBatch:
+def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int, shard: range | None = None) -> RolloutBatch:
+    """Sample ``rollout.n_samples`` responses for ``rows[shard]`` (default: all rows); groups are numbered by the
+    row's index in ``rows``, so the shards of one iteration fit together."""
     r = ctx.cfg.rollout
-    prompts = [format_prompt(row, ctx.cfg, ctx.tokenizer) for row in rows]
+    shard = range(len(rows)) if shard is None else shard
+    prompts = [format_prompt(rows[i], ctx.cfg, ctx.tokenizer) for i in shard]
     params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it)
-    gens = engine.generate(prompts, params)
+    gens = engine.generate(prompts, shard_params(params, shard))
     fault_point("rl_rollout")
     samples = []
     for g in gens:
-        row = rows[g.prompt_index]
-        samples.append(Sample(prompt_ids=prompts[g.prompt_index], response_ids=g.token_ids, group=g.prompt_index,
+        row, group = rows[shard.start + g.prompt_index], shard.start + g.prompt_index
+        samples.append(Sample(prompt_ids=prompts[g.prompt_index], response_ids=g.token_ids, group=group,
                               prompt=row["problem"], answer=row["answer"], reference=row["solution"],
                               response=ctx.tokenizer.decode(g.token_ids, skip_special_tokens=True),
                               response_logprobs=g.logprobs, finished=g.finished, metadata={"id": row["id"]}))
@@ -62,6 +69,34 @@ def score(reward_fn, batch: RolloutBatch) -> dict[str, float]:
     # responses a reward could not score (no final answer, a timeout, ...): they got 0 for that component
     out["reward_unscored_frac"] = sum(r is not None for r in res.reasons) / len(res.reasons)
     return out
+
+
+def collect(ctx: Context, engine: RolloutEngine, reward_fn, groups: RolloutGroups, prompts: list[dict],
+            it: int) -> tuple[RolloutBatch, dict[str, float]]:
+    """This engine's share of the iteration: generate and score ``prompts[shard]``; returns the shard and its
+    metrics (``time_*`` in seconds, the rest means over the shard)."""
+    shard = groups.my_shard(len(prompts), engine.shard_granule(ctx.cfg.rollout.n_samples))
+    t = time.perf_counter()
+    batch = generate(ctx, engine, prompts, it, shard)
+    m = {"time_rollout": time.perf_counter() - t}
+    t = time.perf_counter()
+    if len(batch):
+        m.update(score(reward_fn, batch))
+    m["time_scoring"] = time.perf_counter() - t
+    return batch, m
+
+
+def gather_shards(shards: list[tuple[RolloutBatch, dict[str, float]]]) -> tuple[RolloutBatch, dict[str, float]]:
+    """The engines' scored shards (in engine order, so in prompt order) -> one batch and its metrics: times are the
+    slowest engine's, means are weighted by each shard's size."""
+    batch = RolloutBatch([s for b, _ in shards for s in b.samples])
+    m: dict[str, float] = {}
+    for key in {k for _, sm in shards for k in sm}:
+        if key.startswith("time_"):
+            m[key] = max(sm[key] for _, sm in shards if key in sm)
+        else:
+            m[key] = sum(sm[key] * len(b) for b, sm in shards if key in sm) / len(batch)
+    return batch, m
 
 
 def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
@@ -107,29 +142,22 @@ def run(ctx: Context) -> None:
     backend = backend_class(cfg.backend.name)(
         cfg, start, lr=rl.lr, total_steps=rl.iterations * steps_per_iter, warmup_steps=rl.warmup_steps,
         min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
-    engine = engine_class(cfg.rollout.engine)(start, ctx.tokenizer, cfg) if dist.is_main() else None
+    groups = RolloutGroups.from_config(cfg)
+    ctx.log.print(f"[rl] {groups.n_engines} rollout engine(s) of {groups.size} rank(s) each")
+    engine = engine_class(cfg.rollout.engine)(start, ctx.tokenizer, cfg) if groups.is_leader else None
     ctx.begin_stage(backend, st, "iteration")
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
-                             model_path=rl.reward.embedding_model) if dist.is_main() else None
+                             model_path=rl.reward.embedding_model) if groups.is_leader else None
     rows = load_rows(cfg, "train")
     for it in tqdm(range(st.step, rl.iterations), desc="rl", initial=st.step, total=rl.iterations,
                    disable=not (cfg.run.progress and dist.is_main())):
-        m: dict[str, float] = {}
-        batch = None
         with rollout_phase(cfg, backend, engine):
-            sync_weights(backend, engine)  # the engine samples from the policy as trained so far
-            if dist.is_main() and rl.eval_every and it > 0 and it % rl.eval_every == 0:
-                evaluate_during_training(ctx, engine, it)
-            if dist.is_main():
-                t = time.perf_counter()
-                prompts = [rows[i] for i in batch_indices(len(rows), rl.prompts_per_iteration, it, cfg.run.seed)]
-                batch = generate(ctx, engine, prompts, it)
-                m["time_rollout"] = time.perf_counter() - t
-        if dist.is_main():
-            t = time.perf_counter()
-            m.update(score(reward_fn, batch))
-            m["time_scoring"] = time.perf_counter() - t
-        batch = dist.broadcast(batch)
+            sync_weights(backend, engine)  # the engines sample from the policy as trained so far
+            if rl.eval_every and it > 0 and it % rl.eval_every == 0:
+                evaluate_during_training(ctx, groups, engine, it)
+            prompts = [rows[i] for i in batch_indices(len(rows), rl.prompts_per_iteration, it, cfg.run.seed)]
+            local = collect(ctx, engine, reward_fn, groups, prompts, it) if engine is not None else None
+        batch, m = gather_shards(all_gather(local, groups))
         t = time.perf_counter()
         tb, adv_m = advantages(ctx, backend, batch)
         m.update(adv_m, **update(ctx, backend, tb, it))
@@ -143,6 +171,7 @@ def run(ctx: Context) -> None:
     st.status, st.step, st.output = "done", rl.iterations, str(out.relative_to(rd.root))
     if dist.is_main():
         rd.save_state(st)
+    if engine is not None:
         engine.shutdown()
     ctx.log.print(f"[rl] done: {st.output}")
 
@@ -164,17 +193,20 @@ def rollout_phase(cfg, backend: TrainingBackend, engine: RolloutEngine | None):
         backend.reacquire_memory()
 
 
-def evaluate_during_training(ctx: Context, engine: RolloutEngine, step: int) -> None:
-    """Evaluate the current policy (the rollout engine holds its weights) on ``eval.benchmarks``."""
+def evaluate_during_training(ctx: Context, groups: RolloutGroups, engine: RolloutEngine | None, step: int) -> None:
+    """Evaluate the current policy (the rollout engines hold its weights) on ``eval.benchmarks``, split across the
+    engines; every rank takes part."""
     from evaluation.report import scalars
-    from pipeline.stages.evaluate import evaluate_engine
+    from pipeline.stages.evaluate import evaluate_sharded
 
-    res = evaluate_engine(ctx, engine, ctx.rd.path("eval", f"rl_iter_{step:05d}"), f"rl iteration {step}")
-    ctx.log.scalars("rl_eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()}, step)
+    res = evaluate_sharded(ctx, groups, engine, ctx.rd.path("eval", f"rl_iter_{step:05d}"), f"rl iteration {step}")
+    if res is not None:
+        ctx.log.scalars("rl_eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()}, step)
 
 
 def sync_weights(backend: TrainingBackend, engine: RolloutEngine | None) -> None:
-    """Stream the trainer's full weights into the rollout engine (every rank iterates: gathers are collective)."""
+    """Stream the trainer's full weights into this rank's rollout engine, if it leads one (every rank iterates:
+    gathers are collective)."""
     tensors = backend.named_full_tensors()
     if engine is not None:
         engine.update_weights(tensors)

@@ -1,5 +1,6 @@
 """The standalone rollout stage: sample and score ``rollout.n_samples`` responses for held-out prompts from the
-newest checkpoint, and write them as a rollout record (``<run>/rollout/samples.jsonl``) that can be replayed."""
+newest checkpoint, and write them as a rollout record (``<run>/rollout/samples.jsonl``) that can be replayed. The
+prompts are split across the rollout engines as in the RL stage."""
 from __future__ import annotations
 
 from lampo.rewards import build_reward
@@ -7,20 +8,24 @@ from pipeline import dist
 from pipeline.context import Context
 from pipeline.data import load_rows
 from pipeline.rollout import engine_class
-from pipeline.stages.rl import generate, score
+from pipeline.rollout.groups import RolloutGroups, all_gather
+from pipeline.stages.rl import collect, gather_shards
 
 
 def run(ctx: Context) -> None:
-    st = ctx.rd.state("rollout")
-    if dist.is_main():
-        cfg = ctx.cfg
-        path = ctx.stage_input("evaluate")
+    st, cfg = ctx.rd.state("rollout"), ctx.cfg
+    path = ctx.stage_input("evaluate")
+    groups = RolloutGroups.from_config(cfg)
+    rows = load_rows(cfg, "heldout")[: cfg.rl.prompts_per_iteration]
+    local = None
+    if groups.is_leader:
         engine = engine_class(cfg.rollout.engine)(path, ctx.tokenizer, cfg)
-        rows = load_rows(cfg, "heldout")[: cfg.rl.prompts_per_iteration]
-        batch = generate(ctx, engine, rows, it=0)
-        engine.shutdown()
         r = cfg.rl.reward
-        m = score(build_reward(r.outcome, r.dense, r.alpha, timeout_s=r.timeout_s, model_path=r.embedding_model), batch)
+        reward_fn = build_reward(r.outcome, r.dense, r.alpha, timeout_s=r.timeout_s, model_path=r.embedding_model)
+        local = collect(ctx, engine, reward_fn, groups, rows, it=0)
+        engine.shutdown()
+    batch, m = gather_shards(all_gather(local, groups))
+    if dist.is_main():
         out = ctx.rd.path("rollout", "samples.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
         batch.save(out)

@@ -203,3 +203,36 @@ def test_gpqa_multiple_choice_end_to_end(char_tokenizer, tmp_path: Path) -> None
     assert set(r["breakdown"]["domain"]) == {"Physics", "Chemistry", "Biology"}
     recs = [json.loads(x) for x in (tmp_path / "o" / "gpqa_diamond" / "responses.jsonl").read_text().splitlines()]
     assert all(x["extracted"] in tuple("ABCD") and x["gold"] in tuple("ABCD") for x in recs)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_sharded_calls_then_assembly_equal_one_call(char_tokenizer, tmp_path: Path, count: int) -> None:
+    """Shards generate disjoint fixed batches with the seeds one engine would use; the assembling call generates
+    nothing and writes what one call writes."""
+    one = ScriptedEngine(char_tokenizer, respond)
+    want = run(one, tmp_path / "one")
+    shards = [ScriptedEngine(char_tokenizer, respond) for _ in range(count)]
+    for i, eng in enumerate(shards):
+        assert run(eng, tmp_path / "sharded", shard=(i, count)) is None
+        assert (tmp_path / "sharded" / "tiny" / f"responses.partial.{i}.jsonl").exists()
+    assert not (tmp_path / "sharded" / "results.json").exists()
+    assert sorted(c for e in shards for c in e.calls) == sorted(one.calls)  # same batches, same seeds
+    assert all(e.calls for e in shards[:2])  # 10 problems in batches of 3: every shard gets work
+    assembler = ScriptedEngine(char_tokenizer, respond)
+    got = run(assembler, tmp_path / "sharded")
+    assert assembler.calls == []
+    assert got["benchmarks"] == want["benchmarks"]
+    assert (tmp_path / "sharded" / "tiny" / "responses.jsonl").read_text() == \
+        (tmp_path / "one" / "tiny" / "responses.jsonl").read_text()
+    assert not list((tmp_path / "sharded" / "tiny").glob("responses.partial*"))
+
+
+def test_a_shard_killed_midway_leaves_the_rest_to_the_assembling_call(char_tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        run(ScriptedEngine(char_tokenizer, respond, fail_after=1), tmp_path, shard=(0, 2))
+    run(ScriptedEngine(char_tokenizer, respond), tmp_path, shard=(1, 2))
+    finisher = ScriptedEngine(char_tokenizer, respond)
+    got = run(finisher, tmp_path)
+    assert len(finisher.calls) == 1  # shard 0 finished one of its two batches (problems 0-2; 6-8 remain)
+    want = run(ScriptedEngine(char_tokenizer, respond), tmp_path / "ref")
+    assert got["benchmarks"] == want["benchmarks"]

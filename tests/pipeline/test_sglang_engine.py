@@ -297,7 +297,7 @@ def server():
 def test_http_generate_and_weight_sync_through_disk(server, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     cfg = Config()
-    cfg.rollout.sglang_url = server + "/"
+    cfg.rollout.sglang_urls = [server + "/"]
     eng = SGLangEngine(tmp_path, TOKENIZER, cfg)
     gens = eng.generate([[5, 9], [8]], SamplingParams(n=2, max_new_tokens=4))
     assert [(g.prompt_index, g.token_ids, g.logprobs, g.finished) for g in gens] == \
@@ -317,7 +317,7 @@ def test_http_generate_and_weight_sync_through_disk(server, tmp_path):
 
 def test_http_unreachable_server_says_so():
     cfg = Config()
-    cfg.rollout.sglang_url = "http://127.0.0.1:9"  # discard port: nothing listens
+    cfg.rollout.sglang_urls = ["http://127.0.0.1:9"]  # discard port: nothing listens
     eng = SGLangEngine("unused", TOKENIZER, cfg)
     with pytest.raises(RuntimeError, match="cannot reach the SGLang server"):
         eng.generate([[1]], SamplingParams())
