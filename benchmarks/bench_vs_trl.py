@@ -91,6 +91,7 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
     from pipeline.context import Context
     from pipeline.logger import Logger
     from pipeline.rollout import engine_class
+    from pipeline.rollout.groups import RolloutGroups
     from pipeline.stages import rl as rl_stage
     from pipeline.state import RunDir
 
@@ -117,7 +118,7 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
         t2, c2 = time.perf_counter(), time.process_time()
         tb, _ = rl_stage.advantages(ctx, backend, batch)
         rl_stage.update(ctx, backend, tb, it)
-        rl_stage.sync_weights(backend, engine)
+        rl_stage.sync_weights(backend, engine, RolloutGroups(world_size=1, rank=0, size=1))
         t3, c3 = time.perf_counter(), time.process_time()
         if it >= warmup:
             for k, v in (("rollout", t1 - t0), ("scoring", t2 - t1), ("training", t3 - t2), ("total", t3 - t0),

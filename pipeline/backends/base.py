@@ -10,7 +10,7 @@ World size 1 and parallel degree 1 go through the same code as the distributed c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,9 +70,10 @@ class TrainingBackend(ABC):
         """Write the current weights as a Hugging Face checkpoint (config.json + model.safetensors) on the main rank."""
 
     @abstractmethod
-    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
+    def named_full_tensors(self, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
         """Stream the full (unsharded) weights under Hugging Face names, for in-memory weight sync to the rollout
-        engine. Every rank must iterate (gathers are collective); non-main ranks may receive nothing."""
+        engines, to each global rank in ``ranks`` (the engines' leaders). Every rank must iterate (gathers are
+        collective); a rank not in ``ranks`` may receive nothing."""
 
     def release_memory(self) -> None:  # noqa: B027 - optional hook
         """Free accelerator memory before a colocated rollout (no-op on CPU): move optimizer state (and other

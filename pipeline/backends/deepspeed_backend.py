@@ -41,7 +41,7 @@ import copy
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -316,14 +316,14 @@ class DeepSpeedBackend(TrainingBackend):
         self.step = client["step"]
         set_rng_state(torch.load(rng_file, weights_only=False))
 
-    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Collective under ZeRO-3 (each parameter is gathered in turn). Yields detached copies on the main rank
-        only, in ``state_dict`` order with Hugging Face names (tied weights under each of their names)."""
+    def named_full_tensors(self, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
+        """Collective under ZeRO-3 (each parameter is gathered in turn). Yields detached copies on the ranks of
+        ``ranks`` only, in ``state_dict`` order with Hugging Face names (tied weights under each of their names)."""
         from deepspeed.runtime.zero import GatheredParameters
 
         for name, t in self.module.state_dict(keep_vars=True).items():
             with GatheredParameters([t], modifier_rank=None):  # no-op unless t is ZeRO-3 partitioned
-                full = t.detach().clone() if self.is_main else None
+                full = t.detach().clone() if self.rank in ranks else None
             if full is not None:
                 yield name, full
 

@@ -8,7 +8,7 @@ rank alone writes checkpoints. The ``deepspeed`` and ``megatron`` backends split
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,5 +127,6 @@ class TorchBackend(TrainingBackend):
         if self.is_main:
             self.model.save_pretrained(path, safe_serialization=True)
 
-    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
+    def named_full_tensors(self, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
+        """Every rank holds the whole model: yields on any rank (``ranks`` needs no communication here)."""
         yield from self.model.state_dict().items()

@@ -152,7 +152,7 @@ def run(ctx: Context) -> None:
     for it in tqdm(range(st.step, rl.iterations), desc="rl", initial=st.step, total=rl.iterations,
                    disable=not (cfg.run.progress and dist.is_main())):
         with rollout_phase(cfg, backend, engine):
-            sync_weights(backend, engine)  # the engines sample from the policy as trained so far
+            sync_weights(backend, engine, groups)  # the engines sample from the policy as trained so far
             if rl.eval_every and it > 0 and it % rl.eval_every == 0:
                 evaluate_during_training(ctx, groups, engine, it)
             prompts = [rows[i] for i in batch_indices(len(rows), rl.prompts_per_iteration, it, cfg.run.seed)]
@@ -204,10 +204,10 @@ def evaluate_during_training(ctx: Context, groups: RolloutGroups, engine: Rollou
         ctx.log.scalars("rl_eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()}, step)
 
 
-def sync_weights(backend: TrainingBackend, engine: RolloutEngine | None) -> None:
+def sync_weights(backend: TrainingBackend, engine: RolloutEngine | None, groups: RolloutGroups) -> None:
     """Stream the trainer's full weights into this rank's rollout engine, if it leads one (every rank iterates:
     gathers are collective)."""
-    tensors = backend.named_full_tensors()
+    tensors = backend.named_full_tensors(ranks=groups.leaders())
     if engine is not None:
         engine.update_weights(tensors)
     else:

@@ -16,8 +16,11 @@ after construction) and spies on ``Tensor.to`` / ``Tensor.cpu`` stand in for "mo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.megatron_backend.harness import make_checkpoint, run_distributed
 from tests.megatron_backend.test_parallel import make_batch, make_cfg
@@ -243,3 +246,27 @@ def test_weight_sync_stays_on_the_model_device(out):
         assert device == main["device"], name
     for rank in out:
         assert rank["sync"]["host_copies"] == [], "weights were copied to the host on the way to the rollout engine"
+
+
+def _full_tensors_on(ckpt: str, tp: int, ranks: list[int]) -> dict:
+    import torch.distributed as tdist
+
+    from pipeline.backends.megatron_backend.backend import MegatronBackend
+
+    backend = MegatronBackend(make_cfg(tp, 1), ckpt, lr=1e-3, total_steps=10)
+    return {"rank": tdist.get_rank(), "weights": {k: v.clone() for k, v in backend.named_full_tensors(ranks=ranks)}}
+
+
+@pytest.mark.parametrize("tp", [1, 2])  # TP=1: DP=2; TP=2: each rank holds half of every layer
+def test_full_tensors_reach_every_engine_leader(tmp_path, tp):
+    """With two rollout engines (leaders 0 and 1) both receive the whole model; by default only rank 0 does."""
+    ckpt = str(make_checkpoint(tmp_path / "hf", "qwen2", tied=True))
+    both = run_distributed(_full_tensors_on, 2, ckpt, tp, [0, 1])
+    assert both[0]["weights"].keys() == both[1]["weights"].keys() and both[0]["weights"]
+    for k, v in both[0]["weights"].items():
+        assert torch.equal(v, both[1]["weights"][k]), k
+    hf = load_file(Path(ckpt) / "model.safetensors")
+    torch.testing.assert_close(both[1]["weights"]["model.layers.1.mlp.down_proj.weight"],
+                               hf["model.layers.1.mlp.down_proj.weight"])
+    default = run_distributed(_full_tensors_on, 2, ckpt, tp, [0])
+    assert default[0]["weights"] and not default[1]["weights"]

@@ -247,8 +247,9 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
             c = make_backend(DeepSpeedBackend, Path(ckpt), 3)
             c.load(Path(out) / "ckpt")
             results["resumed"] = (c.sft_step(make_batch(2)), dict(c.named_full_tensors()))
-    if rank == 0:
-        torch.save(results, Path(out) / "results.pt")
+            # two rollout engines (leaders 0 and 1) both receive the whole model; by default only rank 0
+            results["leaders"] = (dict(c.named_full_tensors(ranks=[0, 1])), dict(c.named_full_tensors()))
+    torch.save(results if rank == 0 else results["leaders"], Path(out) / f"results{rank}.pt")
 
 
 def _free_port() -> int:
@@ -271,7 +272,8 @@ def two_process(ckpt):
         from transformers import AutoModelForCausalLM
 
         exported = AutoModelForCausalLM.from_pretrained(Path(out) / "hf").state_dict()
-        yield torch.load(Path(out) / "results.pt", weights_only=False), exported
+        yield (torch.load(Path(out) / "results0.pt", weights_only=False), exported,
+               torch.load(Path(out) / "results1.pt", weights_only=False))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -290,3 +292,11 @@ def test_two_process_zero3_export_hf_writes_full_weights(two_process, torch_resu
     exported = two_process[1]
     for k, w in torch_result["weights"].items():
         torch.testing.assert_close(exported[k], w, atol=2e-5, rtol=1e-5, msg=k)
+
+
+def test_two_process_zero3_full_tensors_reach_every_engine_leader(two_process):
+    (rank0_both, rank0_default), (rank1_both, rank1_default) = two_process[0]["leaders"], two_process[2]
+    assert rank0_both and rank0_both.keys() == rank1_both.keys()
+    for k, w in rank0_both.items():
+        assert torch.equal(rank1_both[k], w), k
+    assert rank0_default and not rank1_default

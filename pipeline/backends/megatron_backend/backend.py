@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -296,12 +296,13 @@ class MegatronBackend(TrainingBackend):
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
 
     # --- weights out --------------------------------------------------------------------------------------------------
-    def named_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Full tensors in the model's dtype (bf16 with ``backend.bf16``), for the rollout engine, on the device the
-        model trains on (CUDA: the engine receives them by IPC handle; no host copy). Tensors that need no merging
-        may share storage with the live parameters: consume them before the next optimizer step."""
+    def named_full_tensors(self, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
+        """Full tensors in the model's dtype (bf16 with ``backend.bf16``), for the rollout engines, on the device the
+        model trains on (CUDA: the engine receives them by IPC handle; no host copy), on each rank of ``ranks``.
+        Tensors that need no merging may share storage with the live parameters: consume them before the next
+        optimizer step."""
         yield from weights.gather_hf(dict(self.model.named_parameters()), self.arch, self.layout, self.pp_rank,
-                                     self.dp_rank, device=self.device)
+                                     self.dp_rank, device=self.device, ranks=ranks)
 
     def export_hf(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,14 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
 def gather_hf(params: dict[str, Tensor], arch: Arch, layout: Layout, pp_rank: int, dp_rank: int, *,
-              device: torch.device | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Stream full HF tensors to global rank 0, one layer at a time (a collective: every rank must iterate).
+              device: torch.device | None = None, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
+    """Stream full HF tensors to the global ``ranks`` (default: rank 0), one layer at a time (a collective: every
+    rank must iterate).
 
     Each step gathers the shards of one unit (embedding, one layer, final norm/head) from the ranks that hold it
-    (data-parallel rank 0 of every TP rank of the owning stage) to rank 0, which merges them with :mod:`convert`;
-    other ranks yield nothing. The tensors stay on the accelerator: only names, shapes and dtypes travel as a pickled
+    (data-parallel rank 0 of every TP rank of the owning stage) to each rank of ``ranks`` in turn (every rollout
+    engine's leader, :mod:`pipeline.rollout.groups`), which merges them with :mod:`convert`; other ranks yield
+    nothing. The tensors stay on the accelerator: only names, shapes and dtypes travel as a pickled
     object; the shards themselves go by point-to-point ``send``/``recv`` into buffers on ``device`` (rank 0's model
     device; default: where ``params`` live), and rank 0's own shards are used in place. So on CUDA the rollout engine
     is handed CUDA tensors (SGLang takes them by IPC handle) and nothing is copied through host memory; on CPU (gloo)
@@ -75,21 +77,28 @@ def gather_hf(params: dict[str, Tensor], arch: Arch, layout: Layout, pp_rank: in
     per_stage = arch.num_layers // layout.pp
 
     def gather(local: dict[str, Tensor] | None) -> list[dict[str, Tensor]] | None:
+        got = None
+        for dst in ranks:  # the same order on every rank
+            shards = gather_to(local, dst)
+            got = shards if shards is not None else got
+        return got
+
+    def gather_to(local: dict[str, Tensor] | None, dst: int) -> list[dict[str, Tensor]] | None:
         sends = owner and local is not None
         meta = (rank, tp_rank, [(k, tuple(v.shape), v.dtype) for k, v in local.items()]) if sends else None
-        out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object(meta, out, dst=0)
+        out: list[Any] | None = [None] * dist.get_world_size() if rank == dst else None
+        dist.gather_object(meta, out, dst=dst)
         if out is None:
             if sends:
                 for v in local.values():  # in the order of `meta`
-                    dist.send(v.contiguous(), dst=0)
+                    dist.send(v.contiguous(), dst=dst)
             return None
         by_tp: dict[int, dict[str, Tensor]] = {}
         for item in out:  # in rank order: each sender's send()s are matched in turn
             if item is None:
                 continue
             src, src_tp, entries = item
-            if src == 0:
+            if src == dst:
                 by_tp[src_tp] = dict(local)
                 continue
             shards = {}
