@@ -105,6 +105,33 @@ def test_the_pinned_release_matches_the_pinned_torch(src):
     assert f"Requires-Dist: torch=={torch_pin}" in src.meta.splitlines()
 
 
+def test_the_pinned_release_installs_beside_requirements_txt(src):
+    """Every package that both requirements.txt and the release require: the release's exact pin (==) must lie in
+    our range, so pip can install requirements-gpu.txt on top of requirements.txt (it then moves, e.g.,
+    transformers to the release's pin; the README says which)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    ours = {canonicalize_name(r.name): r.specifier for r in (
+        Requirement(line.split("#")[0].strip()) for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip())}
+    clashes, shared = [], 0
+    for line in src.meta.splitlines():
+        if not line.startswith("Requires-Dist: "):
+            continue
+        theirs = Requirement(line.removeprefix("Requires-Dist: "))
+        if theirs.marker is not None and not theirs.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(theirs.name)
+        pins = [s.version for s in theirs.specifier if s.operator == "=="]
+        if name in ours and pins:
+            shared += 1
+            if not ours[name].contains(pins[0], prereleases=True):
+                clashes.append(f"{name}: the release pins {pins[0]}, requirements.txt asks {ours[name]}")
+    assert shared >= 3, "too few shared pins found; is the METADATA read right?"
+    assert not clashes, clashes
+
+
 def test_no_engine_call_bypasses_the_engine_api_list():
     """Every call into SGLang goes through ``_call`` (which enforces ENGINE_API), so the list is what the code uses."""
     module = ast.parse(Path(sglang_engine.__file__).read_text())

@@ -45,6 +45,19 @@ def test_rl_stage_runs_colocated_against_the_sglang_fake(sglang, tmp_path):
     assert json.loads((tmp_path / "run" / "state" / "rl.json").read_text())["status"] == "done"
 
 
+def test_whole_tiny_pipeline_runs_colocated_against_the_sglang_fake(sglang, tmp_path):
+    """SFT -> RL (with an evaluation during training on the live engine) -> evaluate (an engine per checkpoint)."""
+    run("configs/tiny.yaml", [f"run.dir={tmp_path / 'run'}", *SMALL, "rollout.engine=sglang",
+                              "backend.colocate_rollout=true", "rl.eval_every=2", "eval.limit=4"])
+    engines = sglang.Engine.instances
+    assert len(engines) == 3  # the RL stage's, then one per checkpoint (sft, rl) in the evaluate stage
+    assert all(e.dead == "shut down" for e in engines)
+    assert any(m == "generate" and kw["sampling_params"][0]["temperature"] == 0.0 for m, kw in engines[0].log)
+    summary = (tmp_path / "run" / "eval" / "summary.md").read_text()
+    assert "| tiny | avg@1 |" in summary and "sft" in summary and "rl" in summary
+    assert (tmp_path / "run" / "eval" / "rl_iter_00002" / "results.json").exists()
+
+
 # --- the engine alone against the fake, on the tiny model -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
