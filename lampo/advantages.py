@@ -338,7 +338,8 @@ def drop_uniform_groups(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, d
     ``groups``, ``groups_dropped``, ``rows_dropped`` and ``frac_groups_dropped`` for logging.
 
     Departure from DAPO: DAPO keeps sampling until the batch is full of informative groups; here we only filter (the
-    caller decides whether to resample). Apply it with ``RolloutBatch.subset(keep)``.
+    caller decides whether to resample). Apply it with ``RolloutBatch.subset(keep)`` and, to the batch's tokens,
+    ``TokenBatch.select(keep)``: the same rows in the same order.
     """
     uniform = uniform_groups(rewards, group_index)
     _, inv, counts = torch.unique(group_index, return_inverse=True, return_counts=True)

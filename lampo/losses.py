@@ -175,9 +175,10 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, *, num_tokens: float | Te
       (pass the generation budget, e.g. ``rollout.max_new_tokens``; by default the padded width T).
 
     ``num_tokens`` / ``num_seqs`` / ``max_len``, when given (global counts from :func:`loss_normalizers`), replace the
-    local ones, so that summing over micro-batches equals the whole batch. Sequences count only if they have at least
-    A count of 0 (nothing to train on) gives a loss of 0, not NaN. Local counts: response tokens in the batch;
-    sequences B (every row, also one with no response token, which adds 0 to the sum but counts in the mean).
+    local ones, so that summing over micro-batches equals the whole batch. A count of 0 (nothing to train on) gives
+    a loss of 0, not NaN. Local counts: response tokens in the batch; sequences B. Every row counts as a sequence
+    (locally and in :func:`loss_normalizers`), also one with no response token: it adds 0 to the sum but counts in
+    the mean.
     """
     if values.shape != mask.shape or values.dim() != 2:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be (B, T)")

@@ -141,7 +141,10 @@ class RolloutBatch:
         for s, a in zip(self.samples, advantages.tolist()):
             s.advantage = float(a)
 
-    def subset(self, keep: Tensor | list[int]) -> RolloutBatch:
+    def subset(self, keep: Tensor | list[int] | list[bool]) -> RolloutBatch:
+        """The samples picked by ``keep``: a bool mask (N,) or indices, in order (the samples are shared, not copied).
+        Row ``k`` of the result is row ``k`` of ``self.to_token_batch(pad).select(keep)``, so a filter such as
+        :func:`lampo.advantages.drop_uniform_groups` applied to both keeps them aligned."""
         idx = keep.tolist() if isinstance(keep, Tensor) else list(keep)
         if idx and isinstance(idx[0], bool):
             idx = [i for i, k in enumerate(idx) if k]

@@ -130,7 +130,9 @@ def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, flo
         for start in range(0, len(tb), rl.mini_batch_size):
             fault_point("rl_update")
             parts.append(backend.rl_step(tb.select(order[start:start + rl.mini_batch_size])))
-    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]} if parts else {}
+    # each optimizer step's metrics: means over the steps, but a maximum (``ratio_max``) stays the maximum
+    return {k: max(p[k] for p in parts) if k.endswith("_max") else sum(p[k] for p in parts) / len(parts)
+            for k in parts[0]} if parts else {}
 
 
 def run(ctx: Context) -> None:
