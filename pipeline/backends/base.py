@@ -5,21 +5,50 @@ per-token log-probs (and entropies) with its own model layout, then hands them t
 :func:`lampo.losses.policy_objective`, the same function for every backend. That is what makes the parity tests
 between backends meaningful.
 
+The optimizer step itself is written once, here: :meth:`TrainingBackend.sft_step` and :meth:`TrainingBackend.rl_step`
+check the batch, compute the global normalisers (:func:`lampo.losses.loss_normalizers`), build the loss of one
+micro-batch (:func:`~.common.sft_loss`, :func:`~.common.rl_loss`), and merge the micro-batches' metrics. A backend
+supplies only what depends on its layout:
+
+* :meth:`TrainingBackend._per_token`: aligned log-probs (and entropy) of a micro-batch from its model's output (the
+  default reads full-vocabulary Hugging Face logits; Megatron overrides it for vocabulary-parallel logits);
+* :meth:`TrainingBackend._forward_backward`: forward and backward of its share of the batch's micro-batches with the
+  loss function it is handed, returning one :class:`MicroStep` per micro-batch of the whole batch;
+* :meth:`TrainingBackend._optimizer_step`: reduce and clip the gradients, step the optimizer and the LR schedule,
+  return ``grad_norm`` and ``lr``; a non-finite gradient norm applies no update and raises through
+  :meth:`TrainingBackend._non_finite` (backends that own a torch optimizer use :meth:`TrainingBackend._apply_update`).
+
 World size 1 and parallel degree 1 go through the same code as the distributed case.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
 from torch import Tensor
 
+from lampo.losses import loss_normalizers
 from lampo.record import TokenBatch
+from pipeline.backends.common import entropy_aligned, merge_metrics, rl_loss, sft_loss, token_logprobs_from_logits
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+
+
+class MicroStep(NamedTuple):
+    """What the forward-backward of one micro-batch reports: its response-token count (the weight of its metrics),
+    its loss (an additive share of the batch loss: global normalisers) and its metrics (None for SFT)."""
+    tokens: float
+    loss: float
+    metrics: dict[str, float] | None
+
+
+# a micro-batch's loss (with grad) and metrics (None for SFT) from the model's output on it (the last pipeline stage's
+# logits), and the micro-batch itself (on the training device)
+LossFn = Callable[[Tensor, TokenBatch], tuple[Tensor, "dict[str, float] | None"]]
 
 
 class TrainingBackend(ABC):
@@ -33,6 +62,14 @@ class TrainingBackend(ABC):
 
     #: rank 0 of the data-parallel/model-parallel world writes files and logs
     is_main: bool = True
+    cfg: Config
+    #: optimizer steps applied so far
+    step: int = 0
+    #: the frozen KL reference model, or None
+    reference: Any = None
+    #: the torch optimizer and LR schedule, for backends that step them through :meth:`_apply_update`
+    optimizer: Any = None
+    scheduler: Any = None
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -45,17 +82,98 @@ class TrainingBackend(ABC):
         Entry ``t`` is ``log p(input_ids[t] | input_ids[:t])``, entry 0 is 0; padding positions are 0.
         """
 
-    @abstractmethod
+    # --- the training step, shared by every backend -----------------------------------------------------------------
     def sft_step(self, batch: TokenBatch) -> dict[str, float]:
         """One optimizer step of masked next-token cross-entropy on ``response_mask`` positions, averaged over all
         response tokens of ``batch`` (split into micro-batches internally). Returns ``loss``, ``grad_norm``, ``lr``."""
+        num_tokens = self._normalizers(batch)["num_tokens"]
 
-    @abstractmethod
+        def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, None]:
+            lp, _ = self._per_token(output, mb, entropy=False)
+            return sft_loss(lp, mb, num_tokens), None
+
+        parts = self._forward_backward(batch, loss_fn)
+        return {"loss": sum(p.loss for p in parts), **self._optimizer_step()}
+
     def rl_step(self, batch: TokenBatch) -> dict[str, float]:
         """One optimizer step of the policy objective on ``batch`` (which carries ``old_logprobs``, ``advantages`` and,
         with KL, ``ref_logprobs``), split into micro-batches internally with global normalisers so that the result does
         not depend on the micro-batch size. Returns the metrics of ``lampo.losses.policy_objective`` plus ``grad_norm``
         and ``lr``."""
+        if batch.old_logprobs is None or batch.advantages is None:
+            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
+        norm, algo = self._normalizers(batch), self.cfg.rl.algorithm
+
+        def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
+            lp, ent = self._per_token(output, mb, entropy=True)
+            # metrics describe the micro-batch alone; merged by token share below
+            return rl_loss(lp, ent, mb, algo, **norm)
+
+        parts = self._forward_backward(batch, loss_fn)
+        stats = self._optimizer_step()
+        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
+        merged = merge_metrics([(p.tokens, p.metrics) for p in parts])
+        return {**merged, "loss": sum(p.loss for p in parts), **stats}
+
+    def _normalizers(self, batch: TokenBatch) -> dict[str, int]:
+        """The global normalisers of the whole ``batch`` (:func:`lampo.losses.loss_normalizers`: response tokens, at
+        least 1; sequences; ``rollout.max_new_tokens``), so that every micro-batch's loss is its additive share of the
+        batch loss whatever the micro-batch size. Refuses an empty batch."""
+        if len(batch) == 0:
+            raise ValueError("an optimizer step needs a non-empty batch")
+        norm = loss_normalizers(batch.response_mask, max_len=self.cfg.rollout.max_new_tokens)
+        norm["num_tokens"] = max(norm["num_tokens"], 1)
+        return norm
+
+    # --- what a backend supplies to the step --------------------------------------------------------------------------
+    def _per_token(self, output: Tensor, mb: TokenBatch, *, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Aligned per-token log-probs ``(b, T)`` of ``mb`` (and, when ``entropy``, the entropy ``(b, T)``) from the
+        model's ``output`` on it. The default reads full-vocabulary logits ``(b, T, V)``."""
+        return token_logprobs_from_logits(output, mb.input_ids), entropy_aligned(output) if entropy else None
+
+    @abstractmethod
+    def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
+        """Forward and backward of this rank's micro-batches of the global ``batch`` (cut by
+        ``backend.micro_batch_size``), each through ``loss_fn(output, micro_batch)``, gradients accumulated for one
+        optimizer step. Returns one :class:`MicroStep` for every micro-batch of the whole batch, in micro-batch order,
+        the same on every rank."""
+
+    @abstractmethod
+    def _optimizer_step(self) -> dict[str, float]:
+        """Reduce and clip the accumulated gradients, apply one optimizer and LR-schedule step, clear the gradients,
+        count the step; returns ``grad_norm`` and ``lr`` (the LR the step used). A non-finite gradient norm applies
+        no update, clears the gradients and raises :meth:`_non_finite`."""
+
+    # --- helpers for the backends -------------------------------------------------------------------------------------
+    def _non_finite(self, grad_norm: Any) -> None:
+        raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}; lower the learning rate or check "
+                                 "the data (no update was applied)")
+
+    def _apply_update(self, grad_norm: Tensor, zero_grad: Callable[[], None],
+                      after_update: Callable[[], None] | None = None) -> dict[str, float]:
+        """The step of a backend that owns ``self.optimizer`` and ``self.scheduler`` (a torch optimizer and
+        :func:`~.common.lr_schedule`), once its gradients are reduced and clipped to ``grad_norm``: refuse a
+        non-finite norm, step the optimizer and the schedule, run ``after_update`` (e.g. copy fp32 masters into the
+        model), clear the gradients with ``zero_grad``."""
+        if not torch.isfinite(grad_norm):
+            zero_grad()
+            self._non_finite(grad_norm.item())
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        if after_update is not None:
+            after_update()
+        zero_grad()
+        self.step += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def _scoring_model(self, policy: Any, reference: bool) -> Any:
+        """The model :meth:`token_logprobs` runs: ``policy``, or the frozen reference."""
+        if not reference:
+            return policy
+        if self.reference is None:
+            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        return self.reference
 
     @abstractmethod
     def save(self, path: str | Path) -> None:
@@ -75,10 +193,28 @@ class TrainingBackend(ABC):
         engines, to each global rank in ``ranks`` (the engines' leaders). Every rank must iterate (gathers are
         collective); a rank not in ``ranks`` may receive nothing."""
 
-    def release_memory(self) -> None:  # noqa: B027 - optional hook
+    # --- colocated rollouts -------------------------------------------------------------------------------------------
+    def release_memory(self) -> None:
         """Free accelerator memory before a colocated rollout (no-op on CPU): move optimizer state (and other
         training-only state) to the host. The model weights stay where they train: the RL loop syncs them to the rollout
         engine with :meth:`named_full_tensors` between this call and :meth:`reacquire_memory`."""
+        if not self._offloads():
+            return
+        self._move_training_state(to_host=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
-    def reacquire_memory(self) -> None:  # noqa: B027 - optional hook
+    def reacquire_memory(self) -> None:
         """Undo :meth:`release_memory` before training."""
+        if self._offloads():
+            self._move_training_state(to_host=False)
+
+    def _offloads(self) -> bool:
+        """Whether :meth:`release_memory` moves anything (on an accelerator with ``backend.colocate_rollout``); a
+        backend that can move its training state says so here and moves it in :meth:`_move_training_state`."""
+        return False
+
+    def _move_training_state(self, *, to_host: bool) -> None:  # noqa: B027 - only called when _offloads()
+        """Move the training-only state (optimizer state, fp32 masters, ...) to the host or back to the
+        accelerator."""

@@ -1,12 +1,17 @@
-"""Pieces every training backend shares: the LR schedule, log-probs from logits, the policy-loss options, and moving
-optimizer state between the accelerator and the host around colocated rollouts."""
+"""Pieces every training backend shares: the process group, the optimizer options and LR schedule, log-probs from
+logits, the loss of one micro-batch, metric merging, and moving optimizer state between the accelerator and the host
+around colocated rollouts. The training step that puts them together is
+:class:`~pipeline.backends.base.TrainingBackend`'s."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import socket
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lampo.record import TokenBatch, check_finite
@@ -22,6 +27,47 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of every backend: :func:`warmup_cosine` as a ``LambdaLR`` on ``optimizer``, stepped once per
+    optimizer step. DeepSpeed takes it as ``lr_scheduler=functools.partial(lr_schedule, ...)``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+
+
+def init_process_group(use_cuda: bool) -> None:
+    """Join the ``torch.distributed`` group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or
+    start a one-process group on a free local port when they are absent; no-op when a group exists already.
+
+    NCCL on CUDA (after selecting the GPU of LOCAL_RANK), gloo on the CPU; the group gets the configured collective
+    timeout (``run.collective_timeout_min``, :func:`pipeline.dist.collective_timeout`).
+    """
+    from pipeline.dist import collective_timeout
+
+    if dist.is_initialized():
+        return
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
+        return
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=collective_timeout())
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hf_logits(model: Any, mb: TokenBatch) -> Tensor:
+    """Logits ``(b, T, V)`` of a Hugging Face causal LM (or an engine wrapping one) on micro-batch ``mb``."""
+    return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
 
 def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
@@ -69,15 +115,18 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
 
     if entropy is not None and algo.entropy_coef == 0:
         entropy = entropy.detach()
-    return policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs,
-                            entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
-                            **policy_kwargs(algo, max_len=max_len))
+    loss, metrics = policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                     ref_logprobs=mb.ref_logprobs, entropy=entropy, num_tokens=num_tokens,
+                                     num_seqs=num_seqs, **policy_kwargs(algo, max_len=max_len))
+    check_finite("RL loss", loss.detach())
+    return loss, metrics
 
 
-def adamw_options(cfg: Config) -> dict[str, Any]:
-    """AdamW's betas and eps from ``backend.*``: every backend builds the same optimizer."""
+def adamw_options(cfg: Config, *, lr: float, weight_decay: float) -> dict[str, Any]:
+    """The keyword options of ``torch.optim.AdamW`` (lr, betas and eps from ``backend.*``, decoupled weight decay):
+    every backend builds the same optimizer from them."""
     b = cfg.backend
-    return {"betas": (b.adam_beta1, b.adam_beta2), "eps": b.adam_eps}
+    return {"lr": lr, "betas": (b.adam_beta1, b.adam_beta2), "eps": b.adam_eps, "weight_decay": weight_decay}
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:

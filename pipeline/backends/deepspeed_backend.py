@@ -38,10 +38,10 @@ the CPU tests run this branch by faking the device.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,20 +49,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lampo.record import TokenBatch, check_finite
-from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (adamw_options, entropy_aligned, inner_optimizer, merge_metrics,
-                                      move_optimizer_state, rl_loss, rng_state, set_rng_state, sft_loss,
-                                      token_logprobs_from_logits, warmup_cosine)
+from lampo.record import TokenBatch
+from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
+from pipeline.backends.common import (adamw_options, hf_logits, init_process_group, inner_optimizer, lr_schedule,
+                                      move_optimizer_state, rng_state, set_rng_state, token_logprobs_from_logits)
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's sub-folder inside a save() folder
-
-# a micro-batch's loss and its metrics (None for SFT), given the model's logits (b, T, V) and the micro-batch
-LossFn = Callable[[Tensor, TokenBatch], tuple[Tensor, dict[str, float] | None]]
 
 
 def setup_accelerator() -> torch.device:
@@ -89,21 +85,7 @@ def setup_accelerator() -> torch.device:
 
 def init_distributed(device: torch.device) -> None:
     """Join the ``torch.distributed`` group torchrun describes, or start a one-process group; no-op if one exists."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    from pipeline.dist import collective_timeout  # run.collective_timeout_min: rank 0 alone rolls out for long
-
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
-        return
-    with socket.socket() as s:  # one process without torchrun: any free local port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=collective_timeout())
+    init_process_group(use_cuda=device.type == "cuda")
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -128,11 +110,8 @@ class DeepSpeedBackend(TrainingBackend):
         if reference:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
             self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
-
-        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-                s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
-
+        schedule = functools.partial(lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     min_lr_ratio=min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self._ds_config(lr, weight_decay), lr_scheduler=schedule)
@@ -163,7 +142,7 @@ class DeepSpeedBackend(TrainingBackend):
         largest = max(cfg.sft.batch_size, cfg.rl.mini_batch_size)
         gas = max(1, math.ceil(largest / (self.micro * self.world)))
         zero: dict[str, Any] = {"stage": b.zero_stage}
-        adam = adamw_options(cfg)
+        adam = adamw_options(cfg, lr=lr, weight_decay=weight_decay)
         if b.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         return {
@@ -172,8 +151,7 @@ class DeepSpeedBackend(TrainingBackend):
             "train_batch_size": self.micro * gas * self.world,
             "gradient_clipping": b.grad_clip,
             "optimizer": {"type": "AdamW", "params": {
-                "lr": lr, "betas": list(adam["betas"]), "eps": adam["eps"], "weight_decay": weight_decay,
-                "torch_adam": not b.offload_optimizer}},
+                **adam, "betas": list(adam["betas"]), "torch_adam": not b.offload_optimizer}},
             "zero_optimization": zero,
             "bf16": {"enabled": self.bf16, "check_grad_overflow": True},  # skip (and report) inf/NaN steps
             "steps_per_print": 2**62,
@@ -181,9 +159,6 @@ class DeepSpeedBackend(TrainingBackend):
         }
 
     # --- forward ------------------------------------------------------------------------------------------------------
-    def _logits(self, model: Any, mb: TokenBatch) -> Tensor:
-        return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # (b, T, V)
-
     def _my_micro_batches(self, batch: TokenBatch) -> tuple[list[TokenBatch], list[int | None]]:
         """All micro-batches of the global ``batch`` and the indices this rank runs; ``None`` pads a rank to the
         common count ``ceil(M / world)`` with a dummy micro-batch."""
@@ -194,15 +169,13 @@ class DeepSpeedBackend(TrainingBackend):
 
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
-        model = self.reference if reference else self.engine
-        if model is None:
-            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        model = self._scoring_model(self.engine, reference)
         mbs, mine = self._my_micro_batches(batch)
         T = batch.input_ids.shape[1]
         local = torch.zeros((len(mine), self.micro, T), device=self.device)  # (k, micro, T)
         for k, m in enumerate(mine):
             mb = mbs[0 if m is None else m].to(self.device)
-            lp = token_logprobs_from_logits(self._logits(model, mb), mb.input_ids)  # (b, T); dummy: gathers only
+            lp = token_logprobs_from_logits(hf_logits(model, mb), mb.input_ids)  # (b, T); dummy: gathers only
             local[k, :len(mb)] = lp * mb.attention_mask
         if self.world > 1:
             shards = [torch.empty_like(local) for _ in range(self.world)]
@@ -212,32 +185,29 @@ class DeepSpeedBackend(TrainingBackend):
         # micro-batch m was computed by rank m % world as its (m // world)-th
         return torch.cat([shards[m % self.world][m // self.world, :len(mb)].cpu() for m, mb in enumerate(mbs)])
 
-    # --- optimizer steps ----------------------------------------------------------------------------------------------
-    def _train_step(self, batch: TokenBatch, loss_fn: LossFn) -> list[tuple[int, float, dict[str, float] | None]]:
-        """Forward/backward of this rank's micro-batches, then one optimizer step. Returns every rank's
-        ``(micro-batch index, loss value, metrics)`` in micro-batch order."""
-        if len(batch) == 0:
-            raise ValueError("an optimizer step needs a non-empty batch")
+    # --- the backend's part of the training step (TrainingBackend.sft_step / rl_step) ------------------------------
+    def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
+        """Forward/backward of this rank's micro-batches (micro-batch ``m`` on rank ``m % world``); every rank's
+        results are gathered, in micro-batch order."""
         mbs, mine = self._my_micro_batches(batch)
         self.engine.set_train_batch_size(len(mine) * self.micro * self.world)
         parts = []
         for k, m in enumerate(mine):
             self.engine.set_gradient_accumulation_boundary(k == len(mine) - 1)
             mb = mbs[0 if m is None else m].to(self.device)
-            logits = self._logits(self.engine, mb)
+            logits = hf_logits(self.engine, mb)
             if m is None:  # keeps collectives matched; contributes exactly zero gradient
-                loss, metrics = logits.float().sum() * 0.0, None
+                loss = logits.float().sum() * 0.0
             else:
                 loss, metrics = loss_fn(logits, mb)
-                check_finite("loss", loss.detach())
-                parts.append((m, loss.item(), metrics))
+                parts.append((m, MicroStep(mb.response_mask.sum().item(), loss.item(), metrics)))
             # undo DeepSpeed's mean over data-parallel ranks; scale_wrt_gas=False: no division by the micro-batch count
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, parts)
             parts = [p for rank_parts in gathered for p in rank_parts]
-        return sorted(parts, key=lambda p: p[0])
+        return [p for _, p in sorted(parts, key=lambda p: p[0])]
 
     def _optimizer_step(self) -> dict[str, float]:
         lr = self.scheduler.get_last_lr()[0]
@@ -258,38 +228,6 @@ class DeepSpeedBackend(TrainingBackend):
                                      "applied the update; resume from the last checkpoint with a lower learning rate")
         # no norm at all only when DeepSpeed computes none (ZeRO 1/2 without gradient clipping)
         return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": lr}
-
-    def _non_finite(self, grad_norm: Any) -> None:
-        raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}; lower the learning rate or check "
-                                 "the data (no update was applied)")
-
-    def sft_step(self, batch: TokenBatch) -> dict[str, float]:
-        num_tokens = batch.response_mask.sum().clamp(min=1.0).to(self.device)
-
-        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, None]:
-            return sft_loss(token_logprobs_from_logits(logits, mb.input_ids), mb, num_tokens), None
-
-        parts = self._train_step(batch, loss_fn)
-        stats = self._optimizer_step()
-        return {"loss": sum(v for _, v, _ in parts), **stats}
-
-    def rl_step(self, batch: TokenBatch) -> dict[str, float]:
-        if batch.old_logprobs is None or batch.advantages is None:
-            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
-
-        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
-            # metrics describe the micro-batch alone; merged by token share below
-            return rl_loss(token_logprobs_from_logits(logits, mb.input_ids), entropy_aligned(logits), mb,
-                           self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens, num_tokens=num_tokens,
-                           num_seqs=len(batch))
-
-        parts = self._train_step(batch, loss_fn)
-        stats = self._optimizer_step()
-        tokens = [mb.response_mask.sum().item() for mb in batch.split(self.micro)]
-        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
-        merged = merge_metrics([(tokens[m], metrics) for m, _, metrics in parts])
-        return {**merged, "loss": sum(v for _, v, _ in parts), **stats}
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -369,25 +307,16 @@ class DeepSpeedBackend(TrainingBackend):
     def _offloads(self) -> bool:
         return self.device.type == "cuda" and self.cfg.backend.colocate_rollout
 
-    def release_memory(self) -> None:
-        """Move the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient
-        partitions) to the host and free cached accelerator memory; the model weights stay for the weight sync."""
-        if not self._offloads():
-            return
-        if self._moves_optimizer_state_itself():
-            move_optimizer_state(self.engine.optimizer, "cpu")
-        if self.cfg.backend.zero_stage > 0:
-            self.engine.offload_states(include=self._offload_include())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-
-    def reacquire_memory(self) -> None:
-        if not self._offloads():
-            return
+    def _move_training_state(self, *, to_host: bool) -> None:
+        """To the host: the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient
+        partitions); the model weights stay for the weight sync. Back: all of it to the accelerator."""
         from deepspeed.accelerator import get_accelerator
 
         if self._moves_optimizer_state_itself():
-            move_optimizer_state(self.engine.optimizer, get_accelerator().current_device_name())
+            device = "cpu" if to_host else get_accelerator().current_device_name()
+            move_optimizer_state(self.engine.optimizer, device)
         if self.cfg.backend.zero_stage > 0:
-            self.engine.reload_states()
+            if to_host:
+                self.engine.offload_states(include=self._offload_include())
+            else:
+                self.engine.reload_states()

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline import dist
-from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (adamw_options, entropy_aligned, merge_metrics, rl_loss, rng_state, set_rng_state, sft_loss,
-                                      token_logprobs_from_logits, warmup_cosine)
+from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
+from pipeline.backends.common import (adamw_options, hf_logits, lr_schedule, rng_state, set_rng_state,
+                                      token_logprobs_from_logits)
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
@@ -37,70 +37,35 @@ class TorchBackend(TrainingBackend):
         self.reference = None
         if reference:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, **adamw_options(cfg),
-                                           weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw_options(cfg, lr=lr,
+                                                                                    weight_decay=weight_decay))
+        self.scheduler = lr_schedule(self.optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     min_lr_ratio=min_lr_ratio)
         self.step = 0
-
-    # --- forward ------------------------------------------------------------------------------------------------------
-    def _logits(self, model: torch.nn.Module, mb: TokenBatch) -> Tensor:
-        return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # (B, T, V)
 
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
-        model = self.reference if reference else self.model
-        if model is None:
-            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        model = self._scoring_model(self.model, reference)
         out = []
         for mb in batch.split(self.cfg.backend.micro_batch_size):
             mb = mb.to(self.device)
-            lp = token_logprobs_from_logits(self._logits(model, mb), mb.input_ids)
+            lp = token_logprobs_from_logits(hf_logits(model, mb), mb.input_ids)
             out.append((lp * mb.attention_mask).cpu())
         return torch.cat(out)
 
-    # --- optimizer steps ----------------------------------------------------------------------------------------------
+    # --- the backend's part of the training step (TrainingBackend.sft_step / rl_step) ------------------------------
+    def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
+        parts = []
+        for mb in batch.split(self.cfg.backend.micro_batch_size):
+            mb = mb.to(self.device)
+            loss, metrics = loss_fn(hf_logits(self.model, mb), mb)
+            loss.backward()
+            parts.append(MicroStep(mb.response_mask.sum().item(), loss.item(), metrics))
+        return parts
+
     def _optimizer_step(self) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.backend.grad_clip)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {self.step}; lower the learning "
-                                     "rate or check the data (no update was applied)")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
-
-    def sft_step(self, batch: TokenBatch) -> dict[str, float]:
-        num_tokens = batch.response_mask.sum().clamp(min=1.0)
-        total = 0.0
-        for mb in batch.split(self.cfg.backend.micro_batch_size):
-            mb = mb.to(self.device)
-            lp = token_logprobs_from_logits(self._logits(self.model, mb), mb.input_ids)  # (b, T)
-            loss = sft_loss(lp, mb, num_tokens.to(self.device))
-            loss.backward()
-            total += loss.item()
-        return {"loss": total, **self._optimizer_step()}
-
-    def rl_step(self, batch: TokenBatch) -> dict[str, float]:
-        if batch.old_logprobs is None or batch.advantages is None:
-            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
-        parts, total = [], 0.0
-        for mb in batch.split(self.cfg.backend.micro_batch_size):
-            mb = mb.to(self.device)
-            logits = self._logits(self.model, mb)
-            loss, metrics = rl_loss(token_logprobs_from_logits(logits, mb.input_ids), entropy_aligned(logits), mb,
-                                    self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens,
-                                    num_tokens=num_tokens, num_seqs=len(batch))
-            loss.backward()
-            parts.append((mb.response_mask.sum().item(), metrics))
-            total += loss.item()
-        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
-        return {**merge_metrics(parts), "loss": total, **self._optimizer_step()}
+        return self._apply_update(grad_norm, lambda: self.optimizer.zero_grad(set_to_none=True))
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

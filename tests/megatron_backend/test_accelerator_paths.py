@@ -140,7 +140,7 @@ def _grads(ckpt: str, bf16: bool) -> dict:
     def loss_fn(logits, mb):
         lp, _ = backend._per_token(logits, mb, entropy=False)
         loss = -((lp * mb.response_mask).sum(-1) * mb.advantages.to(lp.dtype)).sum() / 64.0
-        return loss, {"_loss_share": loss.item()}
+        return loss, None
 
     out: dict = {"dp_reduce_dtypes": []}
     dp_group = ps.get_data_parallel_group()
@@ -158,7 +158,7 @@ def _grads(ckpt: str, bf16: bool) -> dict:
     backend.optimizer.step = step
     dist.all_reduce = all_reduce
     try:
-        backend._train(batch, loss_fn)
+        backend._forward_backward(batch, loss_fn)
         backend._optimizer_step()
     finally:
         dist.all_reduce = real_all_reduce

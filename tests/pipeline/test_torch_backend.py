@@ -114,3 +114,25 @@ def test_adam_options_come_from_the_config(ckpt):
     b = make_backend(ckpt, 6, **{"backend.adam_beta2": 0.95, "backend.adam_eps": 1e-6})
     group = b.optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-6
+
+
+def test_non_finite_gradient_raises_and_applies_no_update(ckpt):
+    b = make_backend(ckpt, 2)
+    before = weights(b)
+    hook = b.model.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="no update was applied"):
+        b.sft_step(random_batch(3))
+    hook.remove()
+    assert b.step == 0 and all(torch.equal(v, before[k]) for k, v in weights(b).items())
+    assert all(p.grad is None for p in b.model.parameters())  # nothing leaks into the next step
+    assert b.sft_step(random_batch(3)) == make_backend(ckpt, 2).sft_step(random_batch(3))
+
+
+@pytest.mark.parametrize("step", ["sft_step", "rl_step"])
+def test_an_empty_batch_is_refused(ckpt, step):
+    b = make_backend(ckpt, 2)
+    empty = random_batch(0).select(slice(0, 0))
+    empty.old_logprobs = torch.zeros(empty.input_ids.shape)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        getattr(b, step)(empty)
+    assert b.step == 0

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lampo.record import TokenBatch
-from pipeline.backends.base import TrainingBackend
-from pipeline.backends.common import (adamw_options, inner_optimizer, merge_metrics, move_optimizer_state, rl_loss,
-                                      rng_state, set_rng_state, sft_loss, warmup_cosine)
+from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
+from pipeline.backends.common import (adamw_options, inner_optimizer, lr_schedule, move_optimizer_state, rng_state,
+                                      set_rng_state)
 from pipeline.backends.megatron_backend import weights
 from pipeline.backends.megatron_backend.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron_backend.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
@@ -51,7 +51,8 @@ from pipeline.backends.megatron_backend.schedule import broadcast_from_last_stag
 if TYPE_CHECKING:
     from pipeline.config import Config
 
-SHARE = "_loss_share"  # a micro-batch's additive share of the batch loss, carried beside its metrics
+SHARE = "_loss_share"  # a micro-batch's additive share of the batch loss, carried through the schedule
+METRICS = "_metrics"  # and its metrics
 
 
 class MegatronBackend(TrainingBackend):
@@ -86,9 +87,8 @@ class MegatronBackend(TrainingBackend):
         del hf_state, shard
 
         self.optimizer = self._make_optimizer(lr, weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+        self.scheduler = lr_schedule(self.optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     min_lr_ratio=min_lr_ratio)
         self.step = 0
 
     def _make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -97,7 +97,7 @@ class MegatronBackend(TrainingBackend):
         from megatron.core import parallel_state as ps
 
         params = self.master.params()
-        kw = dict(lr=lr, weight_decay=weight_decay, **adamw_options(self.cfg))
+        kw = adamw_options(self.cfg, lr=lr, weight_decay=weight_decay)
         if self.cfg.backend.distributed_optimizer and self.layout.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -163,9 +163,7 @@ class MegatronBackend(TrainingBackend):
 
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
-        model = self.reference if reference else self.model
-        if model is None:
-            raise RuntimeError("no reference model: it is built only when rl.algorithm.kl_coef > 0")
+        model = self._scoring_model(self.model, reference)
         mbs = self._micro_batches(batch)
 
         def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
@@ -177,41 +175,21 @@ class MegatronBackend(TrainingBackend):
         shape = (sum(len(mb) for mb in mbs), batch.input_ids.shape[1])
         return self._dp_gather_rows(broadcast_from_last_stage(local, shape))
 
-    # --- optimizer steps ----------------------------------------------------------------------------------------------
-    def sft_step(self, batch: TokenBatch) -> dict[str, float]:
-        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()  # global normaliser: the whole batch
-
-        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
-            lp, _ = self._per_token(logits, mb, entropy=False)
-            loss = sft_loss(lp, mb, num_tokens)
-            return loss, {SHARE: loss.item()}
-
-        parts = self._train(batch, loss_fn)
-        return {"loss": sum(m[SHARE] for _, m in parts), **self._optimizer_step()}
-
-    def rl_step(self, batch: TokenBatch) -> dict[str, float]:
-        if batch.old_logprobs is None or batch.advantages is None:
-            raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        num_tokens = batch.response_mask.sum().clamp(min=1.0).item()
-
-        def loss_fn(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
-            lp, ent = self._per_token(logits, mb, entropy=True)
-            loss, metrics = rl_loss(lp, ent, mb, self.cfg.rl.algorithm, max_len=self.cfg.rollout.max_new_tokens,
-                                    num_tokens=num_tokens, num_seqs=len(batch))
-            return loss, {**metrics, SHARE: loss.item()}
-
-        parts = self._train(batch, loss_fn)
-        total = sum(m.pop(SHARE) for _, m in parts)  # the loss is the exact sum of the micro-batch shares
-        return {**merge_metrics(parts), "loss": total, **self._optimizer_step()}
-
-    def _train(self, batch: TokenBatch, loss_fn) -> list[tuple[float, dict[str, float]]]:
-        """Forward and backward over this rank's micro-batches; returns ``(response tokens, metrics)`` of every
-        micro-batch of the whole batch (all DP ranks), identical on every rank."""
+    # --- the backend's part of the training step (TrainingBackend.sft_step / rl_step) ------------------------------
+    def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
+        """This DP rank's micro-batches through megatron-core's schedule (``loss_fn`` runs on the last pipeline stage,
+        which passes the results on to the other stages); every DP rank's results are gathered, in rank order, which
+        is micro-batch order of the whole batch."""
         from megatron.core import parallel_state as ps
 
+        def last_stage_loss(logits: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, Any]]:
+            loss, metrics = loss_fn(logits, mb)
+            return loss, {SHARE: loss.item(), METRICS: metrics}
+
         mbs = self._micro_batches(batch)
-        outs = run_schedule(self.model, mbs, loss_fn, forward_only=False)
-        local = [(mb.response_mask.sum().item(), m) for mb, m in zip(mbs, outs)] if outs else None
+        outs = run_schedule(self.model, mbs, last_stage_loss, forward_only=False)
+        local = [MicroStep(mb.response_mask.sum().item(), o[SHARE], o[METRICS]) for mb, o in zip(mbs, outs)] \
+            if outs else None
         local = broadcast_from_last_stage(local)
         if self.layout.dp == 1:
             return local
@@ -226,17 +204,7 @@ class MegatronBackend(TrainingBackend):
         sync_grads(self.model, self.layout, self.master)  # on the fp32 gradient sums
         grad_norm = clip_grad_norm(self.master.named(), self.cfg.backend.grad_clip,
                                    tied_across_stages=self.model.tied_across_stages)
-        if not torch.isfinite(grad_norm):
-            self.master.zero_grad()
-            raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {self.step}; lower the learning "
-                                     "rate or check the data (no update was applied)")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.master.master_to_model()
-        self.master.zero_grad()
-        self.step += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return self._apply_update(grad_norm, self.master.zero_grad, after_update=self.master.master_to_model)
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -330,28 +298,15 @@ class MegatronBackend(TrainingBackend):
         """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``colocate_rollout``."""
         return self.use_cuda and self.cfg.backend.colocate_rollout
 
-    def release_memory(self) -> None:
-        """Move the optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local
-        optimizer's), the separate fp32 master weights (bf16 model) and the reference model to the host, and free
-        cached accelerator memory. The model's own parameters stay: the weight sync that follows reads them."""
-        if not self._offloads():
-            return
-        host = torch.device("cpu")
-        move_optimizer_state(self.optimizer, host)
-        self.master.to(host)
+    def _move_training_state(self, *, to_host: bool) -> None:
+        """The optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local optimizer's),
+        the separate fp32 master weights (bf16 model) and the reference model, to the host or back. The model's own
+        parameters stay: the weight sync that follows :meth:`release_memory` reads them."""
+        device = torch.device("cpu") if to_host else self.device
+        move_optimizer_state(self.optimizer, device)
+        self.master.to(device)
         if self.reference is not None:
-            self.reference.to(host)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-
-    def reacquire_memory(self) -> None:
-        if not self._offloads():
-            return
-        move_optimizer_state(self.optimizer, self.device)
-        self.master.to(self.device)
-        if self.reference is not None:
-            self.reference.to(self.device)
+            self.reference.to(device)
 
 
 def _model_shape(cfg: Config) -> tuple[int, int, int] | None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
+
+from pipeline.backends.common import init_process_group
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,13 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from pipeline.dist import collective_timeout, collective_timeout_minutes  # run.collective_timeout_min
+    from pipeline.dist import collective_timeout_minutes  # run.collective_timeout_min
 
     if not use_cuda:
         from pipeline.backends.megatron_backend import cpu_compat
 
         cpu_compat.enable()
-    if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain single process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=collective_timeout())
+    init_process_group(use_cuda)
     if dist.get_world_size() != layout.world_size:
         raise ValueError(f"world size {dist.get_world_size()} is not tensor_parallel x pipeline_parallel x "
                          f"data_parallel = {layout.tp} x {layout.pp} x {layout.dp}")
@@ -82,11 +75,3 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
         ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
                                      distributed_timeout_minutes=collective_timeout_minutes())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
