@@ -99,6 +99,7 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
                 continue
             torch.manual_seed(cfg.run.seed)
             stage_fn(name)(ctx)
+            dist.barrier()  # the main rank has written this stage's state: every rank reads it before going on
     finally:
         ctx.log.close()
     return ctx
