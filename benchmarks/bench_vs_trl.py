@@ -3,13 +3,17 @@
 Usage (from the repository root; TRL pins in benchmarks/requirements-bench.txt)::
 
     python benchmarks/bench_vs_trl.py [--iterations 10] [--warmup 2] [--repeats 2] [--threads 1] [--sides ours,trl]
+                                      [--eos] [--token-tolerance 0.03]
 
-One iteration = 16 tiny-task prompts x 8 sampled responses (128 completions, at most 48 new tokens, temperature 1.0),
-scored by the project's reward (``configs/tiny.yaml``: math + 0.1 x ROUGE-L, through ``lampo.rewards.build_reward``),
-then one pass of optimizer steps over mini-batches of 64 sequences.
+One iteration = 16 tiny-task prompts x 8 sampled responses (128 completions of 48 new tokens, temperature 1.0; EOS is
+suppressed on both sides, HF's ``min_new_tokens``, so both generate exactly the same number of tokens; ``--eos`` lets
+responses end at EOS, and then the sides' token counts usually differ), scored by the project's reward
+(``configs/tiny.yaml``'s ``rl.reward``, through ``lampo.rewards.build_reward``), then one pass of optimizer steps over
+mini-batches of 64 sequences (micro-batch 64). These shape settings are pinned here, the rest comes from tiny.yaml.
 
 * ours: the functions of ``pipeline.stages.rl`` (``generate`` -> ``score`` -> ``advantages`` -> ``update`` ->
-  ``sync_weights``) on the HF rollout engine and the torch backend, configured from ``configs/tiny.yaml``.
+  ``sync_weights``) on the HF rollout engine and the torch backend, configured from ``configs/tiny.yaml``, built as
+  ``pipeline.stages.rl.run`` builds them (the engine samples from the trainer's model: ``make_engine``).
 * TRL: ``GRPOTrainer`` on the same checkpoint and the same prompts in the same order, configured to do the same work:
   ``per_device_train_batch_size=64`` and ``steps_per_generation=2`` (one generation of 128 completions feeds two
   optimizer steps of 64, as ours; TRL then recomputes old log-probs with an extra forward pass, as ours does),
@@ -21,9 +25,16 @@ Each side runs in its own child process (so peak RSS is its own), ``--repeats`` 
 split into rollout (generation + decoding), scoring (reward), training (everything else: old log-probs, advantages,
 optimizer steps, and for ours the weight sync into the rollout engine), plus each run's fastest iteration and its CPU
 seconds per iteration (``time.process_time`` of the run's own process; the math reward's checker subprocess is not
-counted on either side). On a shared machine the CPU seconds are the steadier figure: wall time stretches with other
-people's load, CPU time much less. The load average is printed before every child, so compare sides run close
-together, not across sessions.
+counted on either side).
+
+Equal work is checked, not assumed: every timed iteration of each run records its sequences, generated tokens and
+optimizer steps (a global ``torch.optim`` step hook counts the steps on both sides); the TRL / ours ratios are printed
+only if both sides generated the same number of sequences, the same number of tokens within ``--token-tolerance``
+(default 3%) and took the same number of optimizer steps per iteration; otherwise the table is printed without them,
+with what differs, and the exit status is 1.
+
+On a shared machine the CPU seconds are the steadier figure: wall time stretches with other people's load, CPU time
+much less. The load average is printed before every child, so compare sides run close together, not across sessions.
 """
 from __future__ import annotations
 
@@ -44,8 +55,23 @@ sys.path.insert(0, str(ROOT))
 
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
 PROMPTS, SAMPLES, MAX_NEW_TOKENS = 16, 8, 48
+MINI_BATCH, TEMPERATURE = 64, 1.0  # 2 optimizer steps of 64 sequences per iteration
 # what each run records per timed iteration: wall seconds, CPU seconds (suffix _cpu), generated tokens
-PHASES = ("rollout", "scoring", "training", "total", "rollout_cpu", "scoring_cpu", "training_cpu", "cpu", "tokens")
+PHASES = ("rollout", "scoring", "training", "total", "rollout_cpu", "scoring_cpu", "training_cpu", "cpu", "tokens",
+          "sequences", "opt_steps")
+
+
+def count_optimizer_steps() -> list[int]:
+    """A one-element counter of every ``torch.optim`` optimizer step taken in this process from now on."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    box = [0]
+
+    def hook(*_):
+        box[0] += 1
+
+    register_optimizer_step_post_hook(hook)
+    return box
 
 
 def bench_config(model_dir: str, run_dir: str):
@@ -54,7 +80,9 @@ def bench_config(model_dir: str, run_dir: str):
 
     return load_config(TINY_YAML, [f"model.path={model_dir}", f"run.dir={run_dir}", "run.progress=false",
                                    f"rl.prompts_per_iteration={PROMPTS}", f"rollout.n_samples={SAMPLES}",
-                                   f"rollout.max_new_tokens={MAX_NEW_TOKENS}", f"rollout.batch_size={PROMPTS * SAMPLES}"])
+                                   f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+                                   f"rollout.batch_size={PROMPTS * SAMPLES}", f"rollout.temperature={TEMPERATURE}",
+                                   f"rl.mini_batch_size={MINI_BATCH}", f"backend.micro_batch_size={MINI_BATCH}"])
 
 
 def iteration_rows(cfg, total: int) -> list[list[dict]]:
@@ -83,14 +111,15 @@ def rss_mib() -> float:
 # ours
 
 
-def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
+def run_ours(model_dir: str, work: str, warmup: int, iterations: int, min_new_tokens: int) -> dict:
+    import dataclasses
+
     import torch
 
     from lampo.rewards import build_reward
     from pipeline.backends import backend_class
     from pipeline.context import Context
     from pipeline.logger import Logger
-    from pipeline.rollout import engine_class
     from pipeline.rollout.groups import RolloutGroups
     from pipeline.stages import rl as rl_stage
     from pipeline.state import RunDir
@@ -104,14 +133,18 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
     backend = backend_class(cfg.backend.name)(
         cfg, model_dir, lr=rl.lr, total_steps=total * steps_per_iter, warmup_steps=rl.warmup_steps,
         min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
-    engine = engine_class(cfg.rollout.engine)(model_dir, ctx.tokenizer, cfg)
+    engine = rl_stage.make_engine(cfg, model_dir, ctx.tokenizer, backend)
+    if min_new_tokens:  # the RL stage's SamplingParams, with EOS suppressed until min_new_tokens
+        sample = engine.generate
+        engine.generate = lambda p, params: sample(p, dataclasses.replace(params, min_new_tokens=min_new_tokens))
+    steps = count_optimizer_steps()
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
                              model_path=rl.reward.embedding_model)
     prompts = iteration_rows(cfg, total)
     rec: dict[str, list[float]] = {k: [] for k in PHASES}
     setup_rss = rss_mib()
     for it in range(total):
-        c0, t0 = time.process_time(), time.perf_counter()
+        c0, t0, s0 = time.process_time(), time.perf_counter(), steps[0]
         batch = rl_stage.generate(ctx, engine, prompts[it], it)
         t1, c1 = time.perf_counter(), time.process_time()
         rl_stage.score(reward_fn, batch)
@@ -123,7 +156,8 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
         if it >= warmup:
             for k, v in (("rollout", t1 - t0), ("scoring", t2 - t1), ("training", t3 - t2), ("total", t3 - t0),
                          ("rollout_cpu", c1 - c0), ("scoring_cpu", c2 - c1), ("training_cpu", c3 - c2),
-                         ("cpu", c3 - c0), ("tokens", sum(len(s.response_ids) for s in batch.samples))):
+                         ("cpu", c3 - c0), ("tokens", sum(len(s.response_ids) for s in batch.samples)),
+                         ("sequences", len(batch)), ("opt_steps", steps[0] - s0)):
                 rec[k].append(v)
     ctx.log.close()
     return {"side": "ours", "threads": torch.get_num_threads(), "completions": len(batch), "setup_rss_mib": setup_rss,
@@ -134,7 +168,7 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
 # TRL
 
 
-def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
+def run_trl(model_dir: str, work: str, warmup: int, iterations: int, min_new_tokens: int) -> dict:
     import torch
     import trl
     from datasets import Dataset
@@ -166,7 +200,8 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
         top_p=cfg.rollout.top_p, top_k=0, beta=0.0, epsilon=algo.clip_low, epsilon_high=algo.clip_high,
         loss_type="dapo",  # token-mean over the optimizer step's batch, as our loss_agg=token-mean
         learning_rate=rl.lr, lr_scheduler_type="constant", weight_decay=rl.weight_decay,
-        max_grad_norm=cfg.backend.grad_clip, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0)
+        max_grad_norm=cfg.backend.grad_clip, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None)
 
     class Timed(GRPOTrainer):
         """GRPOTrainer with the generation and the reward timed (one entry per generation, i.e. per iteration)."""
@@ -176,12 +211,14 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
             self.gen_s: list[tuple[float, float]] = []  # (wall s, CPU s) per call
             self.reward_s: list[tuple[float, float]] = []
             self.tokens: list[int] = []
+            self.sequences: list[int] = []
 
         def _generate(self, prompts):
             t, c = time.perf_counter(), time.process_time()
             out = super()._generate(prompts)
             self.gen_s.append((time.perf_counter() - t, time.process_time() - c))
             self.tokens.append(sum(len(ids) for ids in out[1]))  # out[1]: completion ids, one list per completion
+            self.sequences.append(len(out[1]))
             return out
 
         def _calculate_rewards(self, *a, **kw):
@@ -191,19 +228,21 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
             return out
 
     class StepClock(TrainerCallback):
-        """Wall and CPU time at the start of training and at the end of every trainer step; RSS at the start."""
+        """Wall time, CPU time and optimizer steps so far at the start of training and at the end of every trainer
+        step; RSS at the start."""
 
         def __init__(self):
-            self.ends: list[tuple[float, float]] = []
+            self.ends: list[tuple[float, float, int]] = []
             self.setup_rss = float("nan")
 
         def on_train_begin(self, *_, **__):
             self.setup_rss = rss_mib()
-            self.ends.append((time.perf_counter(), time.process_time()))
+            self.ends.append((time.perf_counter(), time.process_time(), steps[0]))
 
         def on_step_end(self, *_, **__):
-            self.ends.append((time.perf_counter(), time.process_time()))
+            self.ends.append((time.perf_counter(), time.process_time(), steps[0]))
 
+    steps = count_optimizer_steps()
     clock = StepClock()
     tok = load_tokenizer(model_dir, cfg)
     model = load_hf_model(model_dir, cfg, torch.device("cpu"))
@@ -213,6 +252,7 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
     ends = clock.ends[::steps_per_gen]  # start, then the end of every iteration
     per_iter = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
     cpu = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
+    opt_steps = [b[2] - a[2] for a, b in zip(ends, ends[1:])]
     if len(per_iter) != total or len(trainer.gen_s) != total:
         raise RuntimeError(f"TRL ran {len(per_iter)} iterations with {len(trainer.gen_s)} generations; expected "
                            f"{total} of each (check steps_per_generation and max_steps)")
@@ -220,6 +260,7 @@ def run_trl(model_dir: str, work: str, warmup: int, iterations: int) -> dict:
     gen, rew = trainer.gen_s, trainer.reward_s
     return {"side": "trl", "threads": torch.get_num_threads(), "completions": PROMPTS * SAMPLES,
             "trl_version": trl.__version__, "total": per_iter[sl], "cpu": cpu[sl], "tokens": trainer.tokens[sl],
+            "sequences": trainer.sequences[sl], "opt_steps": opt_steps[sl],
             "rollout": [g[0] for g in gen[sl]], "scoring": [r[0] for r in rew[sl]],
             "training": [t - g[0] - r[0] for t, g, r in zip(per_iter[sl], gen[sl], rew[sl])],
             "rollout_cpu": [g[1] for g in gen[sl]], "scoring_cpu": [r[1] for r in rew[sl]],
@@ -237,7 +278,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix=f"bench_{args.side}_") as work:
         fn = run_ours if args.side == "ours" else run_trl
-        res = fn(args.model_dir, work, args.warmup, args.iterations)
+        res = fn(args.model_dir, work, args.warmup, args.iterations, 0 if args.eos else MAX_NEW_TOKENS)
     res["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -247,7 +288,22 @@ def summarise(res: dict) -> dict:
     mean = {k: sum(res[k]) / n for k in PHASES}
     return {**mean, "fastest": min(res["total"]), "completions_per_s": res["completions"] / mean["total"],
             "tokens_per_s": mean["tokens"] / mean["rollout"], "peak_rss_mib": res["peak_rss_mib"],
-            "setup_rss_mib": res["setup_rss_mib"], "threads": res["threads"]}
+            "setup_rss_mib": res["setup_rss_mib"], "threads": res["threads"],
+            "work": sorted({(q, s) for q, s in zip(res["sequences"], res["opt_steps"])})}
+
+
+def work_differences(med: dict[str, dict], runs: dict[str, list[dict]], tolerance: float) -> list[str]:
+    """What differs between the two sides' work per iteration (empty: equal work)."""
+    out = []
+    for what, i in (("sequences", 0), ("optimizer steps", 1)):
+        got = {side: sorted({w[i] for r in rs for w in r["work"]}) for side, rs in runs.items()}
+        if len(got["ours"]) != 1 or got["ours"] != got["trl"]:
+            out.append(f"{what} per iteration: ours {got['ours']}, TRL {got['trl']}")
+    ours, trl = med["ours"]["tokens"], med["trl"]["tokens"]
+    if abs(trl - ours) > tolerance * max(ours, trl):
+        out.append(f"generated tokens per iteration: ours {ours:,.0f}, TRL {trl:,.0f} (TRL / ours = {trl / ours:.2f}, "
+                   f"more than {tolerance:.0%} apart)")
+    return out
 
 
 def load() -> str:
@@ -262,6 +318,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; the table shows the median")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
     ap.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
+    ap.add_argument("--eos", action="store_true",
+                    help="let EOS end responses (natural lengths; the sides then usually generate different token "
+                         "counts and no ratio is printed); default: EOS suppressed, every response 48 tokens")
+    ap.add_argument("--token-tolerance", type=float, default=0.03,
+                    help="largest relative difference in generated tokens per iteration that still counts as "
+                         "equal work")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one child run
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -288,7 +350,8 @@ def main() -> None:
             print("TRL is not installed (pip install -r benchmarks/requirements-bench.txt --no-deps); "
                   "running ours only", flush=True)
             sides.remove("trl")
-    print(f"{PROMPTS} prompts x {SAMPLES} samples, max_new_tokens {MAX_NEW_TOKENS}; {args.warmup} warm-up + "
+    print(f"{PROMPTS} prompts x {SAMPLES} samples, max_new_tokens {MAX_NEW_TOKENS} "
+          f"({'EOS ends responses' if args.eos else 'EOS suppressed: full length'}); {args.warmup} warm-up + "
           f"{args.iterations} timed iterations per run, {args.repeats} run(s) per side interleaved, "
           f"{args.threads} torch thread(s); torch {torch.__version__}, transformers {transformers.__version__}, "
           f"trl {trl_version}; {platform.processor() or platform.machine()}", flush=True)
@@ -303,6 +366,7 @@ def main() -> None:
                 print(f"[run {rep + 1}/{args.repeats} {side}] load average {load()}", flush=True)
                 cmd = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--iterations",
                        str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                cmd += ["--eos"] if args.eos else []
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -316,24 +380,31 @@ def main() -> None:
                       f"{s['threads']} thread(s), child wall {time.perf_counter() - t:.0f} s", flush=True)
     print(f"load average at the end {load()}")
 
-    med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "work"} for side, rs in runs.items()}
+    differs = work_differences(med, runs, args.token_tolerance) if len(sides) == 2 else []
+    ratio = len(sides) == 2 and not differs
     rows = [("s / iteration (wall, mean)", "total", 2), ("  rollout s", "rollout", 2), ("  scoring s", "scoring", 3),
             ("  training s", "training", 2), ("fastest iteration s (wall)", "fastest", 2),
             ("CPU s / iteration (this process)", "cpu", 2), ("  rollout CPU s", "rollout_cpu", 2),
             ("  scoring CPU s", "scoring_cpu", 3), ("  training CPU s", "training_cpu", 2),
             ("completions / s", "completions_per_s", 1),
+            ("sequences / iteration", "sequences", 0), ("optimizer steps / iteration", "opt_steps", 0),
             ("generated tokens / iteration", "tokens", 0), ("rollout tokens / s", "tokens_per_s", 0),
             ("RSS after setup MiB", "setup_rss_mib", 0), ("peak RSS MiB", "peak_rss_mib", 0)]
-    head = "| metric (median of runs) | " + " | ".join(sides) + (" | TRL / ours |" if len(sides) == 2 else " |")
-    print("\n" + head + "\n|" + " --- |" + " ---: |" * (len(sides) + (len(sides) == 2)))
+    head = "| metric (median of runs) | " + " | ".join(sides) + (" | TRL / ours |" if ratio else " |")
+    print("\n" + head + "\n|" + " --- |" + " ---: |" * (len(sides) + ratio))
     for label, key, digits in rows:
         cells = [f"{med[s][key]:,.{digits}f}" for s in sides]
-        if len(sides) == 2:
+        if ratio:
             cells.append(f"{med['trl'][key] / med['ours'][key]:.2f}x" if med["ours"][key] else "n/a")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    if len(sides) == 2:
-        print(f"\nTRL takes {med['trl']['total'] / med['ours']['total']:.2f}x our time per iteration "
-              f"(ours {med['ours']['total']:.2f} s, TRL {med['trl']['total']:.2f} s).")
+    if differs:
+        raise SystemExit("\nNo ratio: the two sides did not do the same work per iteration:\n  " + "\n  ".join(differs))
+    if ratio:
+        print(f"\nSame work per iteration (sequences, optimizer steps, tokens within {args.token_tolerance:.0%}). "
+              f"TRL takes {med['trl']['total'] / med['ours']['total']:.2f}x our wall time and "
+              f"{med['trl']['cpu'] / med['ours']['cpu']:.2f}x our CPU time per iteration "
+              f"(ours {med['ours']['cpu']:.2f} CPU s, TRL {med['trl']['cpu']:.2f} CPU s).")
 
 
 if __name__ == "__main__":

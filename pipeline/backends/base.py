@@ -194,6 +194,12 @@ class TrainingBackend(ABC):
         collective); a rank not in ``ranks`` may receive nothing."""
 
     # --- colocated rollouts -------------------------------------------------------------------------------------------
+    def local_module(self) -> torch.nn.Module | None:
+        """The whole Hugging Face model, unsharded, in this process, for a rollout engine in the same process to sample
+        from without a copy (:meth:`~pipeline.rollout.base.RolloutEngine.can_share`); None when the model is sharded
+        across processes or wrapped (DeepSpeed, Megatron)."""
+        return None
+
     def release_memory(self) -> None:
         """Free accelerator memory before a colocated rollout (no-op on CPU): move optimizer state (and other
         training-only state) to the host. The model weights stay where they train: the RL loop syncs them to the rollout

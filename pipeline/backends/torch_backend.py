@@ -88,6 +88,9 @@ class TorchBackend(TrainingBackend):
         self.step = state["step"]
         set_rng_state(state["rng"])
 
+    def local_module(self) -> torch.nn.Module:
+        return self.model
+
     def export_hf(self, path: str | Path) -> None:
         if self.is_main:
             self.model.save_pretrained(path, safe_serialization=True)

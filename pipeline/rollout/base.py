@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -16,12 +17,19 @@ class SamplingParams:
     top_k: int = -1  # -1 = off
     max_new_tokens: int = 64
     seed: int | None = None  # per-call seed, so resumed runs sample the same way
+    # per-token log-probs of the sampled tokens; False lets an engine skip computing them (Generation.logprobs may then
+    # be None), e.g. when the trainer recomputes old log-probs anyway, or for evaluation
+    logprobs: bool = True
+    # EOS cannot end a response before this many new tokens (its probability is set to 0 until then, as HF's and
+    # SGLang's min_new_tokens); = max_new_tokens forces full-length responses, e.g. for equal-work benchmarks
+    min_new_tokens: int = 0
 
 
 @dataclass
 class Generation:
     """One sampled response. ``logprobs[k]`` is the engine's log-prob of ``token_ids[k]`` under the sampling
-    distribution's underlying model (before temperature), or None if the engine does not report them."""
+    distribution's underlying model (before temperature), or None if the engine does not report them (or was asked
+    not to: ``SamplingParams.logprobs=False``)."""
 
     prompt_index: int
     token_ids: list[int]
@@ -51,6 +59,12 @@ class RolloutEngine(ABC):
         for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
             tensors.update(load_file(f))
         self.update_weights(tensors.items())
+
+    @classmethod
+    def can_share(cls, module: Any) -> bool:
+        """Whether the engine can be built with ``model=module`` to sample from a trainer's own in-process model
+        instead of loading a copy (:meth:`~pipeline.backends.base.TrainingBackend.local_module`). Default: no."""
+        return False
 
     def shard_granule(self, n: int) -> int:
         """How many prompts (of ``n`` samples each) a call may be split in without changing what is sampled

@@ -45,8 +45,10 @@ def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int, sha
     r = ctx.cfg.rollout
     shard = range(len(rows)) if shard is None else shard
     prompts = [format_prompt(rows[i], ctx.cfg, ctx.tokenizer) for i in shard]
+    # the engine's log-probs are needed only when the trainer does not recompute the old ones
     params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it)
+                            max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it,
+                            logprobs=not ctx.cfg.rl.algorithm.recompute_old_logprobs)
     gens = engine.generate(prompts, shard_params(params, shard))
     fault_point("rl_rollout")
     samples = []
@@ -69,6 +71,16 @@ def score(reward_fn, batch: RolloutBatch) -> dict[str, float]:
     # responses a reward could not score (no final answer, a timeout, ...): they got 0 for that component
     out["reward_unscored_frac"] = sum(r is not None for r in res.reasons) / len(res.reasons)
     return out
+
+
+def make_engine(cfg, model_path, tokenizer, backend: TrainingBackend) -> RolloutEngine:
+    """This rank's rollout engine. When the trainer holds the whole model in this process (the torch backend) and the
+    engine can sample from it as it is (the HF engine on the same device), it shares those weights: no second copy,
+    and the weight sync copies nothing."""
+    cls, module = engine_class(cfg.rollout.engine), backend.local_module()
+    if module is not None and cls.can_share(module):
+        return cls(model_path, tokenizer, cfg, model=module)
+    return cls(model_path, tokenizer, cfg)
 
 
 def collect(ctx: Context, engine: RolloutEngine, reward_fn, groups: RolloutGroups, prompts: list[dict],
@@ -146,7 +158,7 @@ def run(ctx: Context) -> None:
         min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     groups = RolloutGroups.from_config(cfg)
     ctx.log.print(f"[rl] {groups.n_engines} rollout engine(s) of {groups.size} rank(s) each")
-    engine = engine_class(cfg.rollout.engine)(start, ctx.tokenizer, cfg) if groups.is_leader else None
+    engine = make_engine(cfg, start, ctx.tokenizer, backend) if groups.is_leader else None
     ctx.begin_stage(backend, st, "iteration")
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
                              model_path=rl.reward.embedding_model) if groups.is_leader else None

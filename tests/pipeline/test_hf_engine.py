@@ -1,5 +1,6 @@
-"""The HF rollout engine: ordering, seeded reproducibility, log-probs that match a forward pass, EOS handling and
-in-memory weight updates."""
+"""The HF rollout engine: ordering, seeded reproducibility, log-probs that match a forward pass, EOS handling,
+in-memory weight updates, the log-probs option, and sampling from a colocated trainer's own weights (no copy).
+Bounded memory with a large vocabulary: ``test_hf_engine_memory.py``."""
 from __future__ import annotations
 
 import pytest
@@ -8,14 +9,20 @@ import torch
 from pipeline.config import TinyModelConfig, load_config
 from pipeline.models import load_tokenizer
 from pipeline.rollout import SamplingParams, engine_class
+from pipeline.stages.rl import make_engine
 from pipeline.tiny.model import create_tiny_checkpoint
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = create_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", SMALL, seed=0)
+def ckpt(tmp_path_factory):
+    return create_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", SMALL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    path = ckpt
     cfg = load_config(None, ["rollout.batch_size=5"])  # smaller than the job count: batches are cut
     tok = load_tokenizer(path, cfg)
     return engine_class("hf")(path, tok, cfg), tok
@@ -67,3 +74,62 @@ def test_update_weights_in_memory(engine):
     assert [g.token_ids for g in eng.generate(prompts(tok), p)] == before
     with pytest.raises(KeyError, match="not a parameter"):
         eng.update_weights([("no.such.weight", torch.zeros(1))])
+
+
+def test_logprobs_option_changes_nothing_sampled(engine):
+    eng, tok = engine
+    on = eng.generate(prompts(tok), SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5))
+    off = eng.generate(prompts(tok), SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5, logprobs=False))
+    assert [g.token_ids for g in off] == [g.token_ids for g in on]
+    assert [g.finished for g in off] == [g.finished for g in on]
+    assert all(g.logprobs is None for g in off) and all(len(g.logprobs) == len(g.token_ids) for g in on)
+
+
+def test_sampling_from_the_trainers_model_equals_a_synced_copy(ckpt, monkeypatch):
+    """With the torch backend the RL stage passes the trainer's model (``make_engine``): the engine samples
+    from those very tensors (nothing loaded, nothing copied), exactly as a copy synced through ``update_weights``
+    would, leaves the model in train mode, and weight sync copies nothing."""
+    from pipeline.backends import backend_class
+    from pipeline.rollout import hf_engine
+
+    cfg = load_config(None, ["rollout.batch_size=5"])
+    tok = load_tokenizer(ckpt, cfg)
+    backend = backend_class("torch")(cfg, ckpt, lr=1e-3, total_steps=1)
+    with torch.no_grad():  # "training" moved the weights away from the checkpoint
+        gen = torch.Generator().manual_seed(0)
+        for p in backend.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    copy = engine_class("hf")(ckpt, tok, cfg)
+    copy.update_weights(backend.named_full_tensors())
+
+    def no_load(*_, **__):
+        raise AssertionError("the shared engine loaded a second copy of the model")
+
+    monkeypatch.setattr(hf_engine, "load_hf_model", no_load)
+    shared = make_engine(cfg, ckpt, tok, backend)
+    assert shared.model is backend.model
+    trainer_ptrs = {n: t.data_ptr() for n, t in backend.model.state_dict().items()}
+    assert {n: t.data_ptr() for n, t in shared.model.state_dict().items()} == trainer_ptrs  # the same storage
+    assert backend.model.training
+    for p in (SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=7),
+              SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=10, seed=1),
+              SamplingParams(n=1, temperature=0.0, max_new_tokens=8)):
+        a, b = shared.generate(prompts(tok), p), copy.generate(prompts(tok), p)
+        assert [(g.token_ids, g.finished) for g in a] == [(g.token_ids, g.finished) for g in b]
+        # the same weights at other addresses: CPU kernels may round the last bit differently
+        torch.testing.assert_close([g.logprobs for g in a], [g.logprobs for g in b], atol=1e-6, rtol=1e-6)
+        assert backend.model.training  # train mode restored after sampling
+    before = {n: t.clone() for n, t in backend.model.state_dict().items()}
+    shared.update_weights(backend.named_full_tensors())  # the RL stage's sync: a no-op here
+    assert all(torch.equal(before[n], t) for n, t in backend.model.state_dict().items())
+    with pytest.raises(RuntimeError, match="shares the trainer's weights"):
+        shared.update_weights([(n, torch.zeros_like(t)) for n, t in before.items()])
+    assert all(torch.equal(before[n], t) for n, t in backend.model.state_dict().items())
+    assert not engine_class("sglang").can_share(backend.model)  # an engine in other processes keeps its own copy
+
+
+def test_min_new_tokens_suppresses_eos(engine):
+    eng, tok = engine
+    p = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, min_new_tokens=12, seed=2)
+    gens = eng.generate(prompts(tok), p)
+    assert all(len(g.token_ids) == 12 and not g.finished and tok.eos_token_id not in g.token_ids for g in gens)
