@@ -143,7 +143,7 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
     bar = tqdm(total=len(lb.problems), initial=len(lb.problems) - len(todo), desc=b.name, unit="problem",
                disable=not progress or index > 0)
     params = dict(n=k, temperature=settings["temperature"], top_p=settings["top_p"],
-                  max_new_tokens=settings["max_new_tokens"])
+                  max_new_tokens=settings["max_new_tokens"], logprobs=False)  # grading needs the tokens only
     style = settings["prompt_style"]
     with open(partial, "a", encoding="utf-8") as f:
         for chunk in chunks:

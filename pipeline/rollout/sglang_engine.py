@@ -172,8 +172,9 @@ def request_params(params: SamplingParams, eos_id: int | None, n_requests: int) 
     """SGLang ``sampling_params``, one dict per request (``n`` is expanded by the caller, one request per sample).
     The keys are ``SamplingParams`` fields of ``sglang/srt/sampling/sampling_params.py`` (top_k -1 = whole
     vocabulary)."""
-    base: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                            "top_p": params.top_p, "top_k": params.top_k, "skip_special_tokens": False}
+    base: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "min_new_tokens": params.min_new_tokens,
+                            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                            "skip_special_tokens": False}
     if eos_id is not None:
         base["stop_token_ids"] = [eos_id]
     out = [dict(base) for _ in range(n_requests)]
@@ -274,7 +275,7 @@ class SGLangEngine(RolloutEngine):
                                "(or update_weights_from_path()) after reacquire_memory() before generating")
         self.generating += 1
         try:
-            outs = self._call("generate", input_ids=[prompts[i] for i in jobs], return_logprob=True,
+            outs = self._call("generate", input_ids=[prompts[i] for i in jobs], return_logprob=params.logprobs,
                               sampling_params=request_params(params, self.eos_id, len(jobs)))
         finally:
             self.generating -= 1

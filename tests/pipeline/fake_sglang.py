@@ -129,7 +129,7 @@ class Engine:
     @torch.no_grad()
     def _one(self, prompt: list[int], sp: dict[str, Any], return_logprob: bool, k: int) -> dict[str, Any]:
         known = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "skip_special_tokens",
-                 "sampling_seed", "min_p", "ignore_eos", "n"}  # subset of sglang/srt/sampling/sampling_params.py
+                 "sampling_seed", "min_p", "ignore_eos", "n", "min_new_tokens"}  # subset of sglang/srt/sampling/sampling_params.py
         if set(sp) - known:
             raise ValueError(f"unknown sampling params {sorted(set(sp) - known)}")
         max_new = sp.get("max_new_tokens", 128)
@@ -146,6 +146,8 @@ class Engine:
         ids, lps, reason = [], [], None
         for _ in range(max_new):  # no KV cache: the tiny model recomputes the prefix, simpler than any cache API
             logits = self.model(input_ids=torch.tensor([prompt + ids])).logits[0, -1].float()
+            if len(ids) < sp.get("min_new_tokens", 0) and stops:  # the min-new-tokens penalizer: stop tokens get -inf
+                logits[list(stops)] = float("-inf")  # (sglang/srt/sampling/penaltylib/min_new_tokens.py)
             if temperature <= 1e-5:
                 tok = int(logits.argmax())
                 lp_all = torch.log_softmax(logits, -1)

@@ -127,13 +127,17 @@ def test_generate_expands_samples_prompt_major_and_builds_sampling_params():
     sp = call["sampling_params"]
     assert [p["sampling_seed"] for p in sp] == list(range(100, 106))  # one seed per sample, all distinct
     assert all(p["stop_token_ids"] == [EOS] and p["max_new_tokens"] == 3 and p["temperature"] == 0.7
-               and p["top_p"] == 0.9 and p["top_k"] == 5 for p in sp)
+               and p["top_p"] == 0.9 and p["top_k"] == 5 and p["min_new_tokens"] == 0 for p in sp)
     assert [g.prompt_index for g in gens] == [0, 0, 1, 1, 2, 2]
     assert [g.token_ids[0] for g in gens] == [13, 13, 14, 14, 17, 17]  # each result went to its own prompt
     assert [g.finished for g in gens] == [True, False] * 3
     assert all(len(g.logprobs) == len(g.token_ids) for g in gens)
     eng.generate(prompts, SamplingParams(n=1))
     assert all("sampling_seed" not in p for p in fake.calls[-1][1]["sampling_params"])  # no seed: none sent
+    eng.generate(prompts, SamplingParams(n=1, max_new_tokens=3, min_new_tokens=3, logprobs=False))
+    call = fake.calls[-1][1]
+    assert not call["return_logprob"]  # the caller needs none (the RL stage recomputes them; evaluation never)
+    assert all(p["min_new_tokens"] == 3 for p in call["sampling_params"])
 
 
 def test_update_weights_streams_buckets_in_one_session_then_flushes_the_cache(monkeypatch):
