@@ -18,11 +18,8 @@ or k = W) is the degenerate case: no collective is made.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Any
-
-import torch.distributed as tdist
 
 from pipeline import dist
 from pipeline.rollout.base import SamplingParams
@@ -37,10 +34,7 @@ class RolloutGroups:
     @classmethod
     def current(cls, size: int) -> RolloutGroups:
         """The groups of this process's world (``torch.distributed`` if initialised, else torchrun's variables)."""
-        if tdist.is_initialized():
-            world, rank = tdist.get_world_size(), tdist.get_rank()
-        else:
-            world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        world, rank = dist.world_size(), dist.rank()
         if size < 1 or world % size:
             raise ValueError(f"rollout.tensor_parallel={size} must divide the world size {world} (each rollout "
                              "engine spans that many ranks)")
