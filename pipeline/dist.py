@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.config import RunConfig
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -29,8 +31,6 @@ _timeout: timedelta | None = None
 
 
 def default_timeout_min() -> int:
-    from pipeline.config import RunConfig
-
     return RunConfig().collective_timeout_min
 
 
