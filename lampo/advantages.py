@@ -2,12 +2,17 @@
 
 Every estimator in :data:`ADVANTAGE_ESTIMATORS` is called the same way (the driver never special-cases a name)::
 
-    fn(rewards, group_index, *, seq_logprob=None, temperature=1.0, scale_normalize=None, eps=1e-6) -> advantages
+    fn(rewards, group_index, *, seq_logprob=None, temperature=1.0, pair_weight="confidence", scale_normalize=None,
+       eps=1e-6) -> advantages
 
 * ``rewards`` float (N,); ``group_index`` integer (N,) naming each response's prompt group (groups need not be
   contiguous, sorted, or of equal size; any integer labels); ``seq_logprob`` float (N,), the behaviour policy's
   sequence score s_i (see :func:`sequence_scores`; only ``lampo`` uses it, the others accept and ignore it);
 * ``temperature``: tau of LamPO's pairwise weights (``math.inf`` is allowed: it gives RLOO exactly);
+* ``pair_weight``: which form of LamPO's pairwise weights, one of :data:`PAIR_WEIGHTS`: ``"confidence"`` (the
+  default, the project's adopted form: symmetric weights, zero-sum advantages) or ``"preference"`` (the policy's own
+  preference for i over j, a weighted average over j; not zero-sum). See :func:`lampo`. Only ``lampo`` uses it; the
+  others validate it and ignore it, as they do ``temperature``;
 * ``scale_normalize``: divide each advantage by its group's reward standard deviation (+ ``eps``); ``None`` means the
   estimator's own default (``grpo``: True; ``dr_grpo``, ``rloo``, ``lampo``: False);
 * returns float (N,) in float32 (or float64 when the rewards are float64). A group of one response gets 0.
@@ -32,10 +37,14 @@ from lampo.registry import Registry
 
 class AdvantageFn(Protocol):
     def __call__(self, rewards: Tensor, group_index: Tensor, *, seq_logprob: Tensor | None = None,
-                 temperature: float = 1.0, scale_normalize: bool | None = None, eps: float = 1e-6) -> Tensor: ...
+                 temperature: float = 1.0, pair_weight: str = "confidence", scale_normalize: bool | None = None,
+                 eps: float = 1e-6) -> Tensor: ...
 
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+
+# The forms of LamPO's pairwise weights (the ``pair_weight`` option; see :func:`lampo`), the default first.
+PAIR_WEIGHTS: tuple[str, ...] = ("confidence", "preference")
 
 # Most (group, i, j) pair entries materialised at once by the pairwise code: 2**18 float32 = 1 MiB for each of the
 # three work buffers, which every chunk reuses. Measured on the 2-core CPU box at 512 groups x 64: with reused buffers
@@ -69,7 +78,8 @@ def _check_vector(name: str, t: object, *, floating: bool, n: int | None = None)
 
 
 def _check_inputs(rewards: Tensor, group_index: Tensor, seq_logprob: Tensor | None, temperature: float,
-                  eps: float, scale_normalize: bool | None) -> tuple[Tensor, Tensor, Tensor | None]:
+                  eps: float, scale_normalize: bool | None,
+                  pair_weight: str = "confidence") -> tuple[Tensor, Tensor, Tensor | None]:
     """Validate the shared call contract; return rewards (and scores) in the working dtype (float32 or float64)."""
     rewards = _check_vector("rewards", rewards, floating=True)
     n = rewards.numel()
@@ -86,6 +96,8 @@ def _check_inputs(rewards: Tensor, group_index: Tensor, seq_logprob: Tensor | No
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if scale_normalize is not None and not isinstance(scale_normalize, bool):
         raise TypeError(f"scale_normalize must be True, False or None, got {scale_normalize!r}")
+    if not isinstance(pair_weight, str) or pair_weight not in PAIR_WEIGHTS:
+        raise ValueError(f"pair_weight must be one of {', '.join(map(repr, PAIR_WEIGHTS))}, got {pair_weight!r}")
     work = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     s = None if seq_logprob is None else seq_logprob.detach().to(work)
     return rewards.detach().to(work), group_index.detach(), s
@@ -155,14 +167,28 @@ def _pair_weights(dr: Tensor, ds: Tensor, temperature: float, sign_buffer: Tenso
     return ds.mul_(torch.sign(dr, out=sign_buffer)).mul_(-1.0 / temperature).sigmoid_()
 
 
+def _preference_log_weights(ds: Tensor, temperature: float, buffer: Tensor | None = None) -> Tensor:
+    """log of the preference-form pair weight, log w_ij = log sigmoid((s_i - s_j) / tau), elementwise.
+
+    ``ds`` = s_i - s_j; w_ij + w_ji = 1. Logs, not weights: the weights of a far-behind response underflow (float32
+    sigmoid is 0 below about -104, a gap that summed scores reach easily), while their ratios, which are all that the
+    weighted average uses, stay representable. In place: ``ds`` is overwritten and returned; ``buffer`` (same shape)
+    is scratch. log sigmoid(z) = min(z, 0) - log1p(exp(-|z|)), finite for every finite z; tau = inf gives -log 2.
+    """
+    z = ds.mul_(1.0 / temperature)
+    tail = torch.abs(z, out=buffer).neg_().exp_().log1p_()
+    return z.clamp_(max=0.0).sub_(tail)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the estimators
 
-_Core = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
+_Core = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float, str], Tensor]
 
 
 def _estimator(name: str, *, scale_default: bool) -> Callable[[_Core], AdvantageFn]:
-    """Wrap a core ``(r, inv, counts, s, tau) -> (N,)`` into the public contract and register it under ``name``.
+    """Wrap a core ``(r, inv, counts, s, tau, pair_weight) -> (N,)`` into the public contract and register it under
+    ``name``.
 
     The wrapper validates the inputs, maps group labels to dense ids, and applies the optional scale normalisation,
     so every estimator checks and normalises the same way.
@@ -170,11 +196,12 @@ def _estimator(name: str, *, scale_default: bool) -> Callable[[_Core], Advantage
 
     def deco(core: _Core) -> AdvantageFn:
         def fn(rewards: Tensor, group_index: Tensor, *, seq_logprob: Tensor | None = None, temperature: float = 1.0,
-               scale_normalize: bool | None = None, eps: float = 1e-6) -> Tensor:
+               pair_weight: str = "confidence", scale_normalize: bool | None = None, eps: float = 1e-6) -> Tensor:
             with torch.no_grad():
-                r, g, s = _check_inputs(rewards, group_index, seq_logprob, temperature, eps, scale_normalize)
+                r, g, s = _check_inputs(rewards, group_index, seq_logprob, temperature, eps, scale_normalize,
+                                        pair_weight)
                 inv, counts = _dense_groups(g)
-                adv = core(r, inv, counts, s, float(temperature))
+                adv = core(r, inv, counts, s, float(temperature), pair_weight)
                 if scale_default if scale_normalize is None else scale_normalize:
                     denom = _group_std(r, inv, counts)[inv] + eps  # 0 only where the group is uniform and eps=0
                     adv = torch.where(denom > 0, adv / denom.clamp_min(torch.finfo(r.dtype).tiny), 0.0)
@@ -189,7 +216,7 @@ def _estimator(name: str, *, scale_default: bool) -> Callable[[_Core], Advantage
 
 
 @_estimator("grpo", scale_default=True)
-def grpo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) -> Tensor:
+def grpo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float, pair_weight: str) -> Tensor:
     """GRPO (DeepSeekMath): A_i = (r_i - mean_g r) / (std_g r + eps); scale normalisation on by default.
 
     The std is the unbiased (Bessel-corrected) one, as ``torch.std`` gives and common implementations use.
@@ -198,22 +225,34 @@ def grpo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) -
 
 
 @_estimator("dr_grpo", scale_default=False)
-def dr_grpo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) -> Tensor:
+def dr_grpo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float, pair_weight: str) -> Tensor:
     """Dr. GRPO: A_i = r_i - mean_g r, without the std division (the other half of Dr. GRPO, the constant loss
     normaliser, is the ``seq-sum-constant`` aggregation in :mod:`lampo.losses`)."""
     return _group_deviation(r, inv, counts)
 
 
 @_estimator("rloo", scale_default=False)
-def rloo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) -> Tensor:
+def rloo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float, pair_weight: str) -> Tensor:
     """RLOO: A_i = r_i - mean_{j != i} r_j = G/(G-1) * (r_i - mean_g r); 0 for a group of one."""
     g = counts[inv].to(r.dtype)
     return torch.where(g > 1, _group_deviation(r, inv, counts) * g / (g - 1).clamp_min(1), 0.0)
 
 
+def _pair_blocks(r: Tensor, inv: Tensor, counts: Tensor) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, ...]]]:
+    """:func:`_padded_groups`' blocks, each with three (Pc, Gc, Gc) work views into buffers of r's dtype that every
+    chunk reuses (fresh big allocations page-fault on CPU). Yields ``idx``, ``valid``, ``(buf0, buf1, buf2)``."""
+    chunks = list(_padded_groups(inv, counts))
+    numel = max((idx.shape[0] * idx.shape[1] ** 2 for idx, _ in chunks), default=0)
+    work = r.new_empty(3, numel)
+    for idx, valid in chunks:
+        pc, gc = idx.shape
+        yield idx, valid, tuple(buf[: pc * gc * gc].view(pc, gc, gc) for buf in work)
+
+
 @_estimator("lampo", scale_default=False)
-def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) -> Tensor:
-    """LamPO's pairwise decomposed advantage (arXiv 2605.21235), in the form ARCHITECTURE.md pins down:
+def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float, pair_weight: str) -> Tensor:
+    """LamPO's pairwise decomposed advantage (arXiv 2605.21235). The default, ``pair_weight="confidence"``, is the
+    project's adopted form, the one ARCHITECTURE.md pins down:
 
         w_ij = sigmoid(-sign(r_i - r_j) * (s_i - s_j) / tau),    A_i = 2/(G-1) * sum_{j != i} (r_i - r_j) * w_ij
 
@@ -226,18 +265,26 @@ def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) 
     Properties: zero-sum per group, all-equal groups get 0, shift-invariant, scales with rewards, and the best
     (worst) response of a group never gets a negative (positive) advantage.
 
+    ``pair_weight="preference"`` is the alternative form of a secondary summary of the paper: the weight is the
+    policy's own preference for i over j (not symmetric: w_ij + w_ji = 1) and A_i a weighted average over j,
+
+        w_ij = sigmoid((s_i - s_j) / tau),                       A_i = sum_{j != i} w_ij (r_i - r_j) / sum_{j != i} w_ij
+
+    tau -> inf (w = 1/2) gives RLOO's mean_{j != i} (r_i - r_j) exactly; tied rewards add nothing to the numerator but
+    do count in the denominator. It is NOT zero-sum per group in general (each row averages with its own weights);
+    it keeps the other properties above (and dA_i/dr_i = 1: monotonic in the own reward). The ratio is formed from
+    log-weights, so it stays finite and accurate where every weight of a row underflows (a response the policy scores
+    far below the rest of its group, or a small tau).
+
     Vectorised over groups by :func:`_padded_groups`: O(sum_g G_g**2) work, memory bounded by ``_PAIR_BUDGET``.
     """
     if s is None:
         raise ValueError("the lampo estimator needs seq_logprob (N,), the behaviour policy's sequence scores s_i; "
                          "compute them with lampo.advantages.sequence_scores(old_logprobs, response_mask)")
+    if pair_weight == "preference":
+        return _lampo_preference(r, inv, counts, s, tau)
     out = torch.zeros_like(r)
-    chunks = list(_padded_groups(inv, counts))
-    numel = max((idx.shape[0] * idx.shape[1] ** 2 for idx, _ in chunks), default=0)
-    work = r.new_empty(3, numel)  # pair buffers reused by every chunk: fresh big allocations page-fault on CPU
-    for idx, valid in chunks:
-        pc, gc = idx.shape
-        dr, ds, sign = (buf[: pc * gc * gc].view(pc, gc, gc) for buf in work)
+    for idx, valid, (dr, ds, sign) in _pair_blocks(r, inv, counts):
         R, S = r[idx], s[idx]  # (Pc, Gc)
         torch.sub(R[:, :, None], R[:, None, :], out=dr)  # (Pc, Gc, Gc): r_i - r_j
         if not valid.all():
@@ -246,6 +293,26 @@ def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float) 
         w = _pair_weights(dr, ds, tau, sign_buffer=sign)  # (Pc, Gc, Gc)
         size = valid.sum(1, keepdim=True).to(r.dtype)  # (Pc, 1), >= 2
         adv = torch.einsum("pij,pij->pi", dr, w) * (2.0 / (size - 1))  # (Pc, Gc): sum_j (r_i - r_j) w_ij
+        out[idx[valid]] = adv[valid]
+    return out
+
+
+def _lampo_preference(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor, tau: float) -> Tensor:
+    """``lampo`` with ``pair_weight="preference"``: A_i = sum_{j != i} w_ij (r_i - r_j) / sum_{j != i} w_ij,
+    w_ij = sigmoid((s_i - s_j) / tau). The weights of row i are rescaled by their largest (a softmax over j of
+    log w_ij), which leaves the ratio unchanged and keeps it finite when every w_ij underflows."""
+    out = torch.zeros_like(r)
+    for idx, valid, (dr, lw, scratch) in _pair_blocks(r, inv, counts):
+        R, S = r[idx], s[idx]  # (Pc, Gc)
+        torch.sub(R[:, :, None], R[:, None, :], out=dr)  # (Pc, Gc, Gc): r_i - r_j
+        torch.sub(S[:, :, None], S[:, None, :], out=lw)  # s_i - s_j
+        lw = _preference_log_weights(lw, tau, buffer=scratch)  # log w_ij
+        lw.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # j != i
+        if not valid.all():
+            lw.masked_fill_(~valid[:, None, :], -math.inf)  # j padding: weight 0
+        top = lw.amax(-1, keepdim=True)  # (Pc, Gc, 1), finite: every row has a real j != i (and s / tau is finite)
+        w = lw.sub_(top.masked_fill_(top == -math.inf, 0.0)).exp_()  # w_ij / max_j w_ij, 0 off the pairs
+        adv = torch.einsum("pij,pij->pi", dr, w) / w.sum(-1)  # (Pc, Gc); padding rows are never read
         out[idx[valid]] = adv[valid]
     return out
 
@@ -273,20 +340,24 @@ def sequence_scores(logprobs: Tensor, response_mask: Tensor, length_normalized: 
     return total / mask.sum(-1).clamp_min(1) if length_normalized else total
 
 
-def pairwise_weight_stats(rewards: Tensor, group_index: Tensor, seq_logprob: Tensor,
-                          temperature: float = 1.0) -> dict[str, float]:
+def pairwise_weight_stats(rewards: Tensor, group_index: Tensor, seq_logprob: Tensor, temperature: float = 1.0,
+                          pair_weight: str = "confidence") -> dict[str, float]:
     """LamPO diagnostics over unordered within-group pairs i < j, for TensorBoard:
 
     * ``num_pairs``, ``num_unequal_pairs`` (pairs with r_i != r_j, the only ones that carry signal);
-    * ``weight_mean``: mean w_ij over unequal pairs (1/2 means the weights are uninformative; small means the policy
-      already orders most pairs correctly and confidently);
+    * ``weight_mean``: mean pair weight of the ``pair_weight`` form (see :func:`lampo`) over unequal pairs, 1/2
+      meaning the weights are uninformative. ``"confidence"``: mean w_ij (symmetric); small means the policy already
+      orders most pairs correctly and confidently. ``"preference"``: w_ij is not symmetric, so each pair reports the
+      weight of the better response over the worse, sigmoid((s_better - s_worse) / tau), the policy's preference
+      for the better response; large means it already orders most pairs correctly (with the same inputs it is
+      1 - the confidence form's mean);
     * ``discordant_frac``: fraction of unequal pairs where the policy scores the worse response higher;
     * ``score_gap_mean``: mean |s_i - s_j| over all pairs.
 
     Means over an empty set are reported as 0.0 (the counts say when that happens).
     """
     with torch.no_grad():
-        r, g, s = _check_inputs(rewards, group_index, seq_logprob, temperature, 0.0, None)
+        r, g, s = _check_inputs(rewards, group_index, seq_logprob, temperature, 0.0, None, pair_weight)
         if s is None:
             raise ValueError("pairwise_weight_stats needs seq_logprob (N,)")
         inv, counts = _dense_groups(g)
@@ -299,7 +370,10 @@ def pairwise_weight_stats(rewards: Tensor, group_index: Tensor, seq_logprob: Ten
             upper = torch.ones(gc, gc, dtype=torch.bool, device=r.device).triu(1)
             pair = valid[:, :, None] & valid[:, None, :] & upper  # (Pc, Gc, Gc) each unordered pair once
             unequal = pair & (dr != 0)
-            w = _pair_weights(dr, ds.clone(), float(temperature))
+            if pair_weight == "preference":  # w_{better, worse}: log w of s_better - s_worse = sign(dr) * ds
+                w = _preference_log_weights(torch.sign(dr) * ds, float(temperature)).exp_()
+            else:
+                w = _pair_weights(dr, ds.clone(), float(temperature))
             acc += torch.stack([
                 pair.sum(), unequal.sum(), w[unequal].sum(), (unequal & (torch.sign(dr) * ds < 0)).sum(),
                 ds.abs()[pair].sum(),
@@ -355,6 +429,6 @@ def drop_uniform_groups(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, d
 
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "AdvantageFn", "grpo", "dr_grpo", "rloo", "lampo", "sequence_scores",
+    "ADVANTAGE_ESTIMATORS", "AdvantageFn", "PAIR_WEIGHTS", "grpo", "dr_grpo", "rloo", "lampo", "sequence_scores",
     "pairwise_weight_stats", "uniform_groups", "drop_uniform_groups",
 ]

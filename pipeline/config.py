@@ -109,6 +109,7 @@ class AlgorithmConfig:
 
     advantage: str = "lampo"  # lampo | grpo | dr_grpo | rloo
     lampo_temperature: float = 1.0  # tau of the pairwise weights
+    lampo_weight: str = "confidence"  # confidence | preference (see lampo.advantages)
     length_normalized_score: bool = True  # s_i = mean (True) or sum (False) of old log-probs
     scale_normalize: bool | None = None  # divide by the group's reward std; None: the estimator's own default
     policy_loss: str = "ppo_clip"  # ppo_clip | gspo
@@ -405,7 +406,7 @@ def validate(cfg: Config) -> Config:
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(cfg.backend.zero_stage, (0, 1, 2, 3), "backend.zero_stage")
     # names are checked against the live registries, so a new estimator/loss/backend needs no edit here
-    from lampo.advantages import ADVANTAGE_ESTIMATORS
+    from lampo.advantages import ADVANTAGE_ESTIMATORS, PAIR_WEIGHTS
     from lampo.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from lampo.rewards import REWARDS
     from pipeline.backends import BACKENDS
@@ -415,6 +416,7 @@ def validate(cfg: Config) -> Config:
                       ("rl.algorithm.loss_agg", LOSS_AGGREGATIONS), ("rl.algorithm.kl_estimator", KL_ESTIMATORS),
                       ("rl.reward.outcome", REWARDS), ("backend.name", BACKENDS), ("rollout.engine", ENGINES)):
         _one_of(get_path(cfg, path), sorted(reg), path)
+    _one_of(algo.lampo_weight, PAIR_WEIGHTS, "rl.algorithm.lampo_weight")
     if cfg.rl.reward.dense is not None:
         _one_of(cfg.rl.reward.dense, sorted(REWARDS), "rl.reward.dense")
     # backend-specific layout checks (heads divisible by TP, ...) live with the backend class

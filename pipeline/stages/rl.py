@@ -122,11 +122,12 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
     s = sequence_scores(tb.old_logprobs, tb.response_mask, length_normalized=algo.length_normalized_score)
     rewards, groups = batch.rewards, batch.group_index
     adv = ADVANTAGE_ESTIMATORS[algo.advantage](rewards, groups, seq_logprob=s, temperature=algo.lampo_temperature,
-                                               scale_normalize=algo.scale_normalize)
+                                               pair_weight=algo.lampo_weight, scale_normalize=algo.scale_normalize)
     batch.set_advantages(adv)
     tb.advantages = adv
     m = {"adv_mean": adv.mean().item(), "adv_std": adv.std(correction=0).item(), "adv_abs_max": adv.abs().max().item(),
-         **{f"pairwise_{k}": v for k, v in pairwise_weight_stats(rewards, groups, s, algo.lampo_temperature).items()}}
+         **{f"pairwise_{k}": v for k, v in pairwise_weight_stats(rewards, groups, s, algo.lampo_temperature,
+                                                                 pair_weight=algo.lampo_weight).items()}}
     keep = ~uniform_groups(rewards, groups)
     m["uniform_group_frac"] = 1.0 - keep.float().mean().item()
     if algo.dynamic_sampling:

@@ -12,6 +12,11 @@ def test_defaults_validate():
     assert cfg.rl.algorithm.advantage == "lampo"
 
 
+def test_lampo_weight_defaults_to_confidence_and_accepts_preference():
+    assert load_config(None).rl.algorithm.lampo_weight == "confidence"
+    assert load_config(None, ["rl.algorithm.lampo_weight=preference"]).rl.algorithm.lampo_weight == "preference"
+
+
 def test_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("rl:\n  iterations: 7\n  algorithm:\n    clip_high: 0.3\n")
@@ -37,6 +42,8 @@ def test_bare_leaf_and_section_keys_resolve():
 @pytest.mark.parametrize("override, fragment", [
     (["rl.iterations=0"], "rl.iterations=0 must be at least 1"),
     (["rl.algorithm.advantage=ppo"], "rl.algorithm.advantage='ppo' is not one of"),
+    (["rl.algorithm.lampo_weight=bogus"],
+     "rl.algorithm.lampo_weight='bogus' is not one of 'confidence', 'preference'"),
     (["backend.name=jax"], "backend.name='jax' is not one of"),
     (["rl.algorithm.kl_estimator=k4"], "kl_estimator"),
     (["rollout.n_samples=1"], "at least 2 samples"),

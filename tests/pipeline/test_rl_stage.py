@@ -83,6 +83,24 @@ def lampo_by_hand(r: list[float], groups: list[int], s: list[float], tau: float)
     return out
 
 
+def preference_by_hand(r: list[float], groups: list[int], s: list[float], tau: float) -> list[float]:
+    """``rl.algorithm.lampo_weight=preference`` as a double loop:
+    A_i = sum_{j != i} w_ij (r_i - r_j) / sum_{j != i} w_ij,  w_ij = sigmoid((s_i - s_j) / tau)."""
+    out = []
+    for i in range(len(r)):
+        mates = [j for j in range(len(r)) if groups[j] == groups[i] and j != i]
+        w = [1.0 / (1.0 + math.exp(-(s[i] - s[j]) / tau)) for j in mates]
+        out.append(sum(wj * (r[i] - r[j]) for wj, j in zip(w, mates)) / sum(w) if mates else 0.0)
+    return out
+
+
+def preference_weight_mean(r: list[float], groups: list[int], s: list[float], tau: float) -> float:
+    """The preference form's ``weight_mean`` by hand: sigmoid((s_better - s_worse) / tau) over unequal pairs."""
+    w = [1.0 / (1.0 + math.exp(-(s[i] - s[j]) * (1 if r[i] > r[j] else -1) / tau))
+         for i in range(len(r)) for j in range(i + 1, len(r)) if groups[i] == groups[j] and r[i] != r[j]]
+    return sum(w) / len(w)
+
+
 def trained_rows(backend: RecordingBackend) -> list[list[tuple[int, ...]]]:
     """The rows (by their ids) of every rl_step batch, in call order."""
     return [[row_key(b, i) for i in range(len(b))] for b in backend.steps]
@@ -155,6 +173,24 @@ def test_lampo_advantages_use_the_configured_temperature(tau):
     assert max(abs(a - b) for a, b in zip(want, other)) > 1e-3  # the fixture can tell tau from 1
     assert out["batch"].advantages.tolist() == pytest.approx(want, abs=1e-6)
     assert out["tb"].advantages.tolist() == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.25])
+def test_lampo_advantages_use_the_configured_pair_weight(tau):
+    """``rl.algorithm.lampo_weight`` reaches the estimator and the pairwise diagnostics (with the temperature)."""
+    groups, s = [g for *_, g in expected_rows()], scores(True)
+    out = chain("rl.algorithm.lampo_weight=preference", f"rl.algorithm.lampo_temperature={tau}")
+    want = preference_by_hand(REWARDS, groups, s, tau)
+    other = lampo_by_hand(REWARDS, groups, s, tau)
+    assert max(abs(a - b) for a, b in zip(want, other)) > 1e-3  # the fixture can tell the two forms apart
+    assert out["batch"].advantages.tolist() == pytest.approx(want, abs=1e-6)
+    assert out["tb"].advantages.tolist() == pytest.approx(want, abs=1e-6)
+    assert out["metrics"]["pairwise_weight_mean"] == pytest.approx(preference_weight_mean(REWARDS, groups, s, tau),
+                                                                   abs=1e-6)
+    default = chain(f"rl.algorithm.lampo_temperature={tau}")  # confidence: the same gaps, 1 - that weight mean
+    assert default["batch"].advantages.tolist() == pytest.approx(other, abs=1e-6)
+    assert default["metrics"]["pairwise_weight_mean"] == pytest.approx(
+        1 - preference_weight_mean(REWARDS, groups, s, tau), abs=1e-6)
 
 
 @pytest.mark.parametrize("normalized", [True, False])
