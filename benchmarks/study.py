@@ -330,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default="core", help=f"arms and arm sets, comma-separated; sets: {', '.join(ARM_SETS)}")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=k=v,k=v", help="a custom arm")
     p.add_argument("--seeds", default="5", help="a count (from the config's run.seed) or a list 1,2,3")
-    p.add_argument("--out", default=None, help="study folder (default runs/study_<config name>)")
+    p.add_argument("--out", default=None, help="study folder (default runs/study/<config name>)")
     p.add_argument("--workers", type=int, default=1, help="runs at once (CPU: one per core with run.threads=1)")
     p.add_argument("--launcher", default=None,
                    help="command that runs one pipeline config (default: python -m pipeline run; GPU nodes: "
@@ -343,6 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-limit", type=int, default=400, help="held-out problems for the learning curves")
     p.add_argument("--curve-every", type=int, default=None, help="iterations between curve points (default: 1/8)")
     p.add_argument("--report-only", action="store_true", help="write the report from what has finished, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every command and write nothing; with a launcher script (launch.sh), also run the SFT "
+                        "and one RL command under DRY_RUN=1, which prints their layout and memory plan")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -376,11 +379,38 @@ def build(args: argparse.Namespace) -> tuple[Study, Any]:
                   "max_new_tokens": cfg.eval.max_new_tokens, "curve_limit": min(args.curve_limit, args.eval_limit),
                   "curve_every": curve_every, "engine": cfg.rollout.engine, "data_dir": cfg.eval.data_dir,
                   "batch_size": cfg.rollout.batch_size}  # sequences per engine call
-    out = Path(args.out or f"runs/study_{Path(args.config).stem}").resolve()
+    out = Path(args.out or f"runs/study/{Path(args.config).stem}").resolve()
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "pipeline", "run"]
     study = Study(out=out, config=str(Path(args.config).resolve()), overrides=list(args.overrides), arms=arms,
                   seeds=parse_seeds(args.seeds, cfg.run.seed), evaluation=evaluation, launcher=launcher)
     return study, cfg
+
+
+def dry_run(study: Study, cfg: Any) -> int:
+    """Print what the study would run; with a launcher script, have it check the layouts (``DRY_RUN=1``)."""
+    print(f"study folder {study.out}; {len(study.arms)} arms x {len(study.seeds)} seeds")
+    print("$ " + shlex.join(study.sft_command()))
+    seed = study.seeds[0]
+    print("$ " + shlex.join(study.eval_command(study.sft_checkpoint, study.out / "sft_eval" / "greedy", seed, False)))
+    for seed in study.seeds:
+        for arm in study.arms:
+            print("$ " + shlex.join(study.run_command(arm, seed, cfg)))
+    final = study.run_dir(next(iter(study.arms)), seed) / "rl" / "final"
+    for sampled in (False, True):
+        print("$ " + shlex.join(study.eval_command(final, final.parent.parent / "final_eval", seed, sampled)))
+    if not study.launcher[-1].endswith(".sh"):
+        return 0
+    rl_arm = next((a for a, spec in study.arms.items() if spec.kind == "rl"), None)
+    # the RL run starts from the SFT checkpoint, which does not exist yet: plan it on the config's own model, which
+    # has the same architecture
+    checks = [study.sft_command()] + ([[a for a in study.run_command(rl_arm, study.seeds[0], cfg)
+                                        if not a.startswith("model.path=")]] if rl_arm else [])
+    for cmd in checks:
+        print(f"\n$ DRY_RUN=1 {shlex.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DRY_RUN="1")).returncode
+        if rc != 0:
+            return rc
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         study, cfg = build(args)
+        if args.dry_run:
+            return dry_run(study, cfg)
         study.out.mkdir(parents=True, exist_ok=True)
         with open(study.out / ".lock", "w") as lock:
             try:

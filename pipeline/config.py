@@ -61,6 +61,9 @@ class DataConfig:
     prompt_field: str = "problem"
     answer_field: str = "answer"
     solution_field: str = "solution"  # reference solution, for SFT and the dense reward; may be absent
+    # The answer is what follows the last occurrence of this marker in the answer field (GSM8K: "####", whose answer
+    # field is a worked solution ending "#### 72"); None: the whole field is the answer.
+    answer_after: str | None = None
     prompt_template: str = "{problem}"  # how a row's prompt is shown to the model; chat template applied on top
     use_chat_template: bool = False
     max_prompt_tokens: int = 192  # prompts are cut to their last N tokens; eval prompts (not cut) are budgeted N too

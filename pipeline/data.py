@@ -43,8 +43,15 @@ def map_rows(records: list[tuple[str, dict[str, Any]]], data: DataConfig) -> lis
             if rec.get(field_name) in (None, ""):
                 raise PipelineError(f"{where}: missing field {field_name!r} (set data.prompt_field / "
                                     f"data.answer_field to the names this file uses; it has {sorted(rec)})")
+        answer = str(rec[data.answer_field])
+        if data.answer_after:
+            head, marker, answer = answer.rpartition(data.answer_after)
+            answer = answer.strip()
+            if not marker or not answer:
+                raise PipelineError(f"{where}: field {data.answer_field!r} has no answer after "
+                                    f"{data.answer_after!r} (data.answer_after); fix the row or unset the marker")
         rows.append({"id": str(rec.get("id", where)), "problem": str(rec[data.prompt_field]),
-                     "answer": str(rec[data.answer_field]), "solution": str(rec.get(data.solution_field) or "")})
+                     "answer": answer, "solution": str(rec.get(data.solution_field) or "")})
     if not rows:
         raise PipelineError("the data source has no records")
     return rows

@@ -211,3 +211,19 @@ def test_a_two_arm_two_seed_study_survives_a_kill_and_reports(tmp_path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 2 and "another study is running" in third.stderr
+
+
+def test_the_gpu_study_config_dry_runs_on_cpu_and_writes_nothing(tmp_path, capfd):
+    """configs/study_qwen2.5_0.5b_gsm8k.yaml through the GPU launcher: every command printed, and launch.sh's
+    DRY_RUN plan accepts the SFT and RL layouts (from the shipped config.json, no download, no GPU)."""
+    out = tmp_path / "gpu_study"
+    rc = study.main([str(REPO / "configs" / "study_qwen2.5_0.5b_gsm8k.yaml"), "--arms", "core", "--seeds", "2",
+                     "--launcher", "bash training_scripts/launch.sh", "--threads", "0", "--out", str(out),
+                     "--dry-run"])
+    printed = capfd.readouterr().out  # capfd: the launcher's plan is printed by a child process
+    assert rc == 0, printed
+    assert not out.exists()
+    assert printed.count("$ bash training_scripts/launch.sh") == 1 + 5 * 2  # SFT + 5 arms x 2 seeds
+    assert printed.count("ok        the layout divides and fits") == 2, printed
+    assert "megatron: TP 1 x PP 1 x DP 8" in printed and "sglang: world 8 / rollout TP 1" in printed
+    assert "--benchmarks gsm8k" in printed

@@ -93,6 +93,32 @@ def test_training_data_errors_name_file_line_and_field(tmp_path):
         read_records(str(tmp_path / "missing.jsonl"))
 
 
+
+def test_answer_after_takes_gsm8ks_final_answer_from_its_worked_solution(tmp_path):
+    """GSM8K's hub rows hold a worked solution ending '#### N' in ``answer``: with data.answer_after='####' the answer
+    is N and the whole field stays the reference solution (rows of the real test set, in the hub's field names)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from pipeline.checks import PipelineError
+    from pipeline.data import map_rows, read_records
+
+    shared = Path(os.environ.get("LAMPO_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
+    if not (shared / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"GSM8K test rows not found in {shared}")
+    real = [json.loads(line) for line in (shared / "gsm8k_test.jsonl").read_text().splitlines()[:200]]
+    f = tmp_path / "gsm8k_hub_format.jsonl"
+    f.write_text("".join(json.dumps({"question": r["problem"], "answer": r["solution"]}) + "\n" for r in real))
+    cfg = load_config(None, ["data.prompt_field=question", "data.answer_field=answer", "data.solution_field=answer",
+                             "data.answer_after='####'"])  # quoted: a bare # starts a YAML comment
+    rows = map_rows(read_records(str(f)), cfg.data)
+    assert [r["answer"] for r in rows] == [r["answer"] for r in real]  # e.g. "2,125": the reward normalises commas
+    assert [r["solution"] for r in rows] == [r["solution"] for r in real]
+    f.write_text(json.dumps({"question": "q", "answer": "no marker here"}) + "\n")
+    with pytest.raises(PipelineError, match=r"gsm8k_hub_format.jsonl:1: field 'answer' has no answer after '####'"):
+        map_rows(read_records(str(f)), cfg.data)
+
 # --- the collective timeout reaches every process-group init ---------------------------------------------------------
 
 def test_collective_timeout_default_is_hours():
