@@ -165,13 +165,19 @@ def build_gpqa(b: Benchmark, row: dict[str, Any], seed: int = 0) -> Problem:
     return Problem(_row_id(b, row) or "", text, letter, {**_meta(b, row), "choices": choices})
 
 
-def _tiny_rows(limit: int | None, seed: int) -> list[dict[str, Any]]:
+def _tiny_rows(limit: int | None, seed: int, ops: int = 3) -> list[dict[str, Any]]:
     """The tiny task's held-out split: ``limit`` problems, else as many as ``data.tiny_heldout_size`` defaults to."""
     from pipeline.config import DataConfig
     from pipeline.tiny.task import make_split
 
     n = limit if limit is not None else DataConfig().tiny_heldout_size
-    return [{**r, "where": f"tiny[{i}]"} for i, r in enumerate(make_split("heldout", n, seed=seed))]
+    name = "tiny" if ops == 3 else f"tiny{ops}"
+    return [{**r, "where": f"{name}[{i}]"} for i, r in enumerate(make_split("heldout", n, seed=seed, ops=ops))]
+
+
+def _tiny5_rows(limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """The harder tiny variant's held-out split: five operations per problem (``data.tiny_ops=5``)."""
+    return _tiny_rows(limit, seed, ops=5)
 
 # --------------------------------------------------------------------------------------------------------------------
 # the registry
@@ -216,6 +222,8 @@ _register(Benchmark(
         "'Incorrect Answer 2', 'Incorrect Answer 3'.")))
 _register(Benchmark(
     "tiny", "math", build_math, fields=_MATH_FIELDS, chat=False, generate=_tiny_rows))
+_register(Benchmark(
+    "tiny5", "math", build_math, fields=_MATH_FIELDS, chat=False, generate=_tiny5_rows))
 
 
 # --------------------------------------------------------------------------------------------------------------------

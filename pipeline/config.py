@@ -69,6 +69,7 @@ class DataConfig:
     max_prompt_tokens: int = 192  # prompts are cut to their last N tokens; eval prompts (not cut) are budgeted N too
     tiny_train_size: int = 4000
     tiny_heldout_size: int = 200
+    tiny_ops: int = 3  # operations per tiny problem: 3 is the default task, 5 the harder variant (benchmark tiny5)
 
 
 @dataclass
@@ -379,6 +380,8 @@ def validate(cfg: Config) -> Config:
                  "rollout.tensor_parallel"):
         v = get_path(cfg, path)
         _check(v >= 1, f"{path}={v} must be at least 1")
+    _check(1 <= cfg.data.tiny_ops <= 8, f"data.tiny_ops={cfg.data.tiny_ops} must be from 1 to 8 (operations per tiny "
+                                        "problem; 3 is the default task)")
     for path in ("sft.lr", "rl.lr"):
         v = get_path(cfg, path)
         _check(v > 0, f"{path}={v} must be positive")

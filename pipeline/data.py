@@ -64,7 +64,7 @@ def load_rows(cfg: Config, which: str) -> list[Row]:
         from pipeline.tiny.task import make_split
 
         n = cfg.data.tiny_train_size if which == "train" else cfg.data.tiny_heldout_size
-        return make_split(which, n, seed=cfg.run.seed)
+        return make_split(which, n, seed=cfg.run.seed, ops=cfg.data.tiny_ops)
     return map_rows(read_records(source, cfg.data.split if which == "train" else "test"), cfg.data)
 
 

@@ -16,7 +16,9 @@ its expression falls in a fixed bucket (:func:`split_of`), whatever the seed; ``
 pool are drawn and in which order. Within a split, problems do not repeat.
 
 The shape (three operations, operands 0-9) is chosen so that a 4-layer, width-128 model learns it within a couple of
-minutes of CPU SFT only partly, leaving headroom for RL; docs/tiny_task.md records the measurements behind it.
+minutes of CPU SFT only partly, leaving headroom for RL; docs/tiny_task.md records the measurements behind it. A harder
+variant with longer chains (``ops=5``: five steps whose responses can be right for some steps and wrong for others;
+``data.tiny_ops``, evaluation benchmark ``tiny5``) serves the estimator study (docs/study.md).
 """
 from __future__ import annotations
 
@@ -27,7 +29,13 @@ SPLITS = ("train", "heldout")
 NUM_OPS = 3  # operations per problem (so 4 operands and 3 solution steps)
 MAX_OPERAND = 9  # operands are drawn from 0..MAX_OPERAND
 HELDOUT_BUCKETS = 10  # 1 in HELDOUT_BUCKETS problems of the whole space is held out
-POOL_SIZE = (MAX_OPERAND + 1) ** (NUM_OPS + 1) * 2**NUM_OPS  # distinct problems overall
+POOL_SIZE = (MAX_OPERAND + 1) ** (NUM_OPS + 1) * 2**NUM_OPS  # distinct problems overall (of the default shape)
+MAX_OPS = 8  # longest chain offered (the tiny model's 256 positions hold a 9-operand problem and its solution)
+
+
+def pool_size(ops: int = NUM_OPS) -> int:
+    """Distinct problems with ``ops`` operations."""
+    return (MAX_OPERAND + 1) ** (ops + 1) * 2**ops
 
 
 def split_of(expression: str) -> str:
@@ -61,27 +69,31 @@ def expression_of(problem: str) -> str:
     return problem[len("What is "):-1]
 
 
-def make_split(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` distinct problems of ``split`` ("train" or "heldout"), deterministic in ``(split, n, seed)``.
+def make_split(split: str, n: int, seed: int = 0, ops: int = NUM_OPS) -> list[dict[str, str]]:
+    """``n`` distinct problems of ``split`` ("train" or "heldout") with ``ops`` operations each, deterministic in
+    ``(split, n, seed, ops)``; the default ``ops`` gives exactly the rows it always gave.
 
     The first ``n`` rows of a call are the same whatever larger ``n`` is asked for, so a bigger split extends a smaller
-    one. Raises ValueError for an unknown split or an ``n`` larger than the split's pool.
+    one. Raises ValueError for an unknown split, an ``ops`` outside 1..MAX_OPS, or an ``n`` larger than the split's pool.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown tiny-task split {split!r}; use one of {', '.join(SPLITS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative integer (the number of problems to generate)")
-    # about POOL_SIZE / HELDOUT_BUCKETS problems are held out; refuse sizes that would exhaust a pool
-    capacity = POOL_SIZE // HELDOUT_BUCKETS // 2 if split == "heldout" else POOL_SIZE // 2
+    if isinstance(ops, bool) or not isinstance(ops, int) or not 1 <= ops <= MAX_OPS:
+        raise ValueError(f"ops={ops!r} must be an integer from 1 to {MAX_OPS} (operations per problem)")
+    # about pool / HELDOUT_BUCKETS problems are held out; refuse sizes that would exhaust a pool
+    capacity = pool_size(ops) // HELDOUT_BUCKETS // 2 if split == "heldout" else pool_size(ops) // 2
     if n > capacity:
         raise ValueError(f"n={n} is more than the {split} split supports ({capacity}); ask for fewer problems")
-    rng = random.Random(f"lampo-tiny/{split}/{seed}")
+    name = "tiny" if ops == NUM_OPS else f"tiny{ops}"
+    rng = random.Random(f"lampo-tiny/{split}/{seed}" if ops == NUM_OPS else f"lampo-tiny{ops}/{split}/{seed}")
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(rows) < n:
-        operands = [rng.randint(0, MAX_OPERAND) for _ in range(NUM_OPS + 1)]
-        ops = [rng.choice("+-") for _ in range(NUM_OPS)]
-        row = make_row(operands, ops, f"tiny-{split}-{seed}-{len(rows):05d}")
+        operands = [rng.randint(0, MAX_OPERAND) for _ in range(ops + 1)]
+        operators = [rng.choice("+-") for _ in range(ops)]
+        row = make_row(operands, operators, f"{name}-{split}-{seed}-{len(rows):05d}")
         expression = expression_of(row["problem"])
         if expression in seen or split_of(expression) != split:
             continue

@@ -88,6 +88,41 @@ def test_the_project_math_reward_grades_reference_solutions_correct(heldout_rows
         assert not is_equivalent(extract_answer(wrong), r["answer"])[0]
 
 
+
+def test_the_default_shape_is_unchanged_by_the_ops_option():
+    """Three operations stays the task every figure in the README was measured on: same rows, same ids."""
+    assert make_split("heldout", 40, seed=0, ops=3) == make_split("heldout", 40, seed=0)
+    assert make_split("train", 5, seed=1234)[0]["id"] == "tiny-train-1234-00000"
+
+
+def test_the_longer_variant_has_five_correct_steps_and_its_own_disjoint_splits():
+    train, held = make_split("train", 2000, seed=0, ops=5), make_split("heldout", 300, seed=0, ops=5)
+    assert held == make_split("heldout", 500, seed=0, ops=5)[:300]
+    for r in train + held:
+        expr = expression_of(r["problem"])
+        assert len(re.findall(r"[+-]", expr[1:])) == 5 and eval(expr) == int(r["answer"])  # noqa: S307
+        lines = r["solution"].split("\n")
+        assert len(lines) == 6 and lines[-1] == f"\\boxed{{{r['answer']}}}"
+        assert r["id"].startswith("tiny5-")
+    assert not {expression_of(r["problem"]) for r in train} & {expression_of(r["problem"]) for r in held}
+    assert all(split_of(expression_of(r["problem"])) == "heldout" for r in held)
+    for bad in (0, 9, True, 2.0):
+        with pytest.raises(ValueError, match="ops="):
+            make_split("train", 3, ops=bad)
+
+
+def test_the_tiny5_benchmark_and_data_tiny_ops_read_the_same_variant():
+    from evaluation.benchmarks import load_benchmark
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data import load_rows
+
+    lb = load_benchmark("tiny5", limit=30)
+    assert [p.text for p in lb.problems] == [r["problem"] for r in make_split("heldout", 30, seed=0, ops=5)]
+    rows = load_rows(load_config(None, ["data.tiny_ops=5", "data.tiny_train_size=20"]), "train")
+    assert rows == make_split("train", 20, seed=1234, ops=5)
+    with pytest.raises(ConfigError, match="data.tiny_ops=9"):
+        load_config(None, ["data.tiny_ops=9"])
+
 @pytest.mark.parametrize("split", ["test", "validation", "", "Train"])
 def test_unknown_split_is_refused_with_the_choices(split):
     with pytest.raises(ValueError, match="train, heldout"):
