@@ -29,12 +29,22 @@ RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_time
                "rl.log_samples", "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """A saved config read against today's schema: a field added after the run started counts as its default (which
+    keeps the behaviour the run had), so upgrading the code does not lock a run folder."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = with_defaults(value, defaults[key]) if nested else value
+    return out
+
+
 def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
     saved = rd.path("config.yaml")
     if not saved.exists():
         return
-    diff = [d for d in config_diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
-            if not d.startswith(RUN_CONTROL)]
+    old = with_defaults(yaml.safe_load(saved.read_text()) or {}, Config().to_dict())
+    diff = [d for d in config_diff(old, cfg.to_dict()) if not d.startswith(RUN_CONTROL)]
     if diff and not force:
         raise PipelineError(f"run folder {rd.root} was started with a different config:\n  " + "\n  ".join(diff)
                             + "\nuse another run.dir, or --force to continue with the new config")

@@ -107,6 +107,27 @@ def test_changed_config_is_refused_with_the_difference(reference):
     assert (reference / "config.yaml").read_text() == before
 
 
+
+def test_a_run_folder_from_before_a_new_config_field_still_resumes(tmp_path):
+    """A field added to the schema after a run started (absent from its config.yaml) is read as its default; a
+    changed value is still refused."""
+    import yaml
+
+    from pipeline.checks import PipelineError
+    from pipeline.config import load_config
+    from pipeline.runner import check_same_config
+    from pipeline.state import RunDir
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    saved = cfg.to_dict()
+    del saved["rl"]["algorithm"]["lampo_weight"], saved["data"]["tiny_ops"]  # fields this run's code did not know
+    rd = RunDir(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_config(rd, cfg, force=False)  # no refusal
+    changed = load_config(ROOT / "configs/tiny.yaml", ["rl.algorithm.lampo_weight=preference"])
+    with pytest.raises(PipelineError, match=r"rl.algorithm.lampo_weight: 'confidence' -> 'preference'"):
+        check_same_config(rd, changed, force=False)
+
 def test_from_stage_reruns_that_stage_and_later_only(reference):
     summary = (reference / "eval" / "summary.md").read_text()
     res = run_cli(reference, "--from-stage", "evaluate")
