@@ -197,6 +197,9 @@ class RunConfig:
     # generates an RL rollout, and in a barrier while it alone runs the whole evaluation, so this must exceed the
     # slowest rank-0-only phase (a 7B evaluation of 4 benchmarks x 16 samples takes hours).
     collective_timeout_min: int = 360
+    # Training checkpoints (<stage>/checkpoints/step_N) kept per stage: older ones are removed once a newer one is
+    # written and verified against its manifest, so the newest good checkpoint is never removed; at least 1.
+    keep_last_checkpoints: int = 2
 
 
 @dataclass
@@ -377,7 +380,7 @@ def validate(cfg: Config) -> Config:
                  "rollout.n_samples", "rollout.max_new_tokens", "rollout.batch_size", "backend.micro_batch_size",
                  "backend.tensor_parallel", "backend.pipeline_parallel", "eval.samples", "eval.max_new_tokens",
                  "rl.algorithm.ppo_epochs", "sft.max_seq_len", "data.max_prompt_tokens", "run.collective_timeout_min",
-                 "rollout.tensor_parallel"):
+                 "rollout.tensor_parallel", "run.keep_last_checkpoints"):
         v = get_path(cfg, path)
         _check(v >= 1, f"{path}={v} must be at least 1")
     _check(1 <= cfg.data.tiny_ops <= 8, f"data.tiny_ops={cfg.data.tiny_ops} must be from 1 to 8 (operations per tiny "

@@ -1,6 +1,7 @@
 """What every stage gets: the config, the run folder, the logger, the tokenizer, and checkpoint helpers."""
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -9,11 +10,40 @@ from typing import Any
 
 from pipeline import dist
 from pipeline.backends import TrainingBackend
+from pipeline.checks import PipelineError
 from pipeline.config import Config
 from pipeline.faults import fault_point
 from pipeline.logger import Logger
 from pipeline.models import load_tokenizer, resolve_model_path
-from pipeline.state import RunDir, StageState, atomic_dir
+from pipeline.state import (RunDir, StageState, atomic_dir, checkpoint_step, folder_bytes, verify_manifest,
+                            write_manifest)
+
+# Estimated bytes per model parameter of a training checkpoint, for the free-space check before the first one (later
+# ones are sized by the previous checkpoint): fp32 weights and AdamW's two fp32 moments (12), plus room for the
+# training-dtype copy and the small files.
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the Hugging Face checkpoint in ``model_dir``, from its safetensors headers (no tensor is read);
+    for ``*.bin`` weights, their size over 2 bytes (16-bit storage: an over-estimate for fp32 files)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            n += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+    return n or sum(f.stat().st_size for f in model_dir.glob("*.bin")) // 2
+
+
+def human_bytes(n: int) -> str:
+    """``"1,234,567 bytes (1.2 MiB)"``."""
+    v, unit = float(n), ""
+    for u in ("KiB", "MiB", "GiB", "TiB"):
+        if v < 1024:
+            break
+        v, unit = v / 1024, u
+    return f"{n:,} bytes" + (f" ({v:.1f} {unit})" if unit else "")
 
 
 @dataclass
@@ -53,24 +83,96 @@ class Context:
         return self.base_model
 
     def begin_stage(self, backend: TrainingBackend, st: StageState, unit: str) -> None:
-        """Resume ``backend`` from the stage's last checkpoint, if any, and mark the stage running."""
+        """Resume ``backend`` from the stage's newest good checkpoint, if any, and mark the stage running.
+
+        The checkpoint the stage state points at, then the older ones beside it, are checked against their manifests
+        (by the main rank, whose choice every rank follows): one that is missing, has no manifest or does not match it
+        is reported (naming the file and what is wrong) and skipped for the previous one, and the stage resumes from
+        that one's step. With none good, the stage starts over from its input."""
         if st.checkpoint:
-            backend.load(self.rd.path(st.checkpoint))
-            self.log.print(f"[{st.name}] resumed from {st.checkpoint} ({unit} {st.step})")
+            good = dist.broadcast(self._newest_good_checkpoint(st) if dist.is_main() else None)
+            if good is None:
+                self.log.print(f"[{st.name}] no usable checkpoint left (see above): the stage starts over from its "
+                               f"input {self.stage_input(st.name)} ({unit} 0)")
+                st.step, st.checkpoint = 0, None
+            else:
+                st.step, st.checkpoint = good
+                backend.load(self.rd.path(st.checkpoint))
+                self.log.print(f"[{st.name}] resumed from {st.checkpoint} ({unit} {st.step})")
         st.status = "running"
         if dist.is_main():
             self.rd.save_state(st)
 
-    def save_checkpoint(self, backend: TrainingBackend, st: StageState, step: int, keep: int = 2) -> None:
-        """Write ``<stage>/checkpoints/step_N`` atomically on every rank, then point the stage state at it."""
+    def _newest_good_checkpoint(self, st: StageState) -> tuple[int, str] | None:
+        """``(step, folder relative to the run folder)`` of the newest checkpoint at or before ``st.checkpoint`` that
+        matches its manifest; each bad one on the way is logged. Later folders than the stage state's are ignored:
+        the state file, written after a checkpoint's rename, is the commit point."""
+        current = self.rd.path(st.checkpoint)
+        last = checkpoint_step(current)
+        candidates = {p.name: p for p in self.rd.checkpoints(current.parent) if checkpoint_step(p) <= last}
+        candidates.setdefault(current.name, current)  # a missing folder is reported, not silently passed over
+        for p in sorted(candidates.values(), key=checkpoint_step, reverse=True):
+            problem = verify_manifest(p)
+            rel = str(p.relative_to(self.rd.root))
+            if problem is None:
+                return checkpoint_step(p), rel
+            self.log.print(f"[{st.name}] WARNING: checkpoint {rel} is damaged, skipping it: {problem}")
+        return None
+
+    def save_checkpoint(self, backend: TrainingBackend, st: StageState, step: int, keep: int | None = None) -> None:
+        """Write ``<stage>/checkpoints/step_N`` atomically on every rank with its manifest (last, by the main rank),
+        verify it, point the stage state at it, then remove all but the ``keep`` newest checkpoints (default
+        ``run.keep_last_checkpoints``). A checkpoint that does not verify is reported and neither becomes the resume
+        point nor lets anything be pruned. Refuses to start (nothing written) without the free disk space it needs."""
+        keep = self.cfg.run.keep_last_checkpoints if keep is None else keep
         folder = self.rd.path(st.name, "checkpoints")
         target = folder / f"step_{step:06d}"
-        self._atomic_collective(target, backend.save)
-        st.step, st.checkpoint = step, str(target.relative_to(self.rd.root))
+        self._check_disk_space(target, st)
+        self._atomic_collective(target, backend.save, manifest=True)
+        rel = str(target.relative_to(self.rd.root))
+        # the file list and sizes: the sha256s were just computed from these very files (re-reading them now would
+        # only re-read the page cache, at the cost of hashing the whole checkpoint twice); a resume checks them
+        problem = dist.broadcast(verify_manifest(target, full=False) if dist.is_main() else None)
+        if problem is not None:
+            self.log.print(f"[{st.name}] WARNING: checkpoint {rel} does not match its manifest right after it was "
+                           f"written ({problem}); is the storage failing? The stage still resumes from "
+                           f"{st.checkpoint or 'its input'}, and no checkpoint is pruned")
+            return
+        st.step, st.checkpoint = step, rel
         if dist.is_main():
             self.rd.save_state(st)
             self.rd.prune_checkpoints(folder, keep=keep, protect=st.checkpoint)
         dist.barrier()
+
+    def _check_disk_space(self, target: Path, st: StageState) -> None:
+        """Collective: raise :class:`PipelineError` on every rank, before anything is written, when the file system of
+        checkpoint folder ``target`` has less free space than the checkpoint is estimated to take: the size of the
+        stage's previous checkpoint, or :data:`CHECKPOINT_BYTES_PER_PARAMETER` per model parameter for its first."""
+        msg = None
+        prev = self.rd.path(st.checkpoint) if st.checkpoint else None
+        if prev is not None and not prev.is_dir():
+            prev = None
+        # on every rank: resolving the stage input may be collective (the tiny base model is created once)
+        source = self.stage_input(st.name) if prev is None else None
+        if dist.is_main():
+            if prev is not None:
+                need, basis = folder_bytes(prev), f"the size of the previous checkpoint {prev.name}"
+            else:
+                n = parameter_count(source)
+                need, basis = n * CHECKPOINT_BYTES_PER_PARAMETER, (f"{n:,} parameters x "
+                                                                   f"{CHECKPOINT_BYTES_PER_PARAMETER} bytes")
+            where = target
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            free = shutil.disk_usage(where).free
+            if free < need:
+                msg = (f"not enough free disk space to write checkpoint {target.relative_to(self.rd.root)}: it needs "
+                       f"about {human_bytes(need)}, {basis}, and only {human_bytes(free)} are free on the file system "
+                       f"of {where}; free some space there (a lower run.keep_last_checkpoints keeps fewer "
+                       "checkpoints) and run the same command again to resume")
+        msg = dist.broadcast(msg)
+        if msg is not None:
+            raise PipelineError(msg)
 
     def export(self, backend: TrainingBackend, name: str) -> Path:
         """Export the current weights as a Hugging Face checkpoint (with the tokenizer) to ``<name>`` atomically."""
@@ -84,12 +186,16 @@ class Context:
         self._atomic_collective(target, write)
         return target
 
-    def _atomic_collective(self, target: Path, write: Any) -> None:
+    def _atomic_collective(self, target: Path, write: Any, manifest: bool = False) -> None:
+        """Every rank runs ``write(folder)`` into ``target.tmp``, which the main rank renames to ``target`` once all
+        are done; with ``manifest``, the main rank first adds ``MANIFEST.json``, last, after every rank's files."""
         tmp = target.with_name(target.name + ".tmp")
         if dist.world_size() == 1:
             with atomic_dir(target) as d:
                 write(d)
                 fault_point("checkpoint_write")
+                if manifest:
+                    write_manifest(d)
             return
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,8 +203,10 @@ class Context:
         dist.barrier()
         write(tmp)  # every rank writes its part (shards) or takes part in gathers
         fault_point("checkpoint_write")
-        dist.barrier()
+        dist.barrier()  # every rank's files are complete
         if dist.is_main():
+            if manifest:
+                write_manifest(tmp)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

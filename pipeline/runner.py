@@ -25,8 +25,9 @@ from pipeline.state import RunDir, atomic_write_text
 from pipeline.validate import validate_cluster
 
 # fields that may change between a run and its resumption without changing what it computes
-RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_timeout_min", "eval.", "rl.eval_every",
-               "rl.log_samples", "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
+RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_timeout_min", "run.keep_last_checkpoints",
+               "eval.", "rl.eval_every", "rl.log_samples", "rl.checkpoint_every", "sft.checkpoint_every",
+               "sft.log_every")
 
 
 def with_defaults(saved: dict, defaults: dict) -> dict:

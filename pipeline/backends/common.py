@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,17 +147,47 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states as plain data that :func:`load_checkpoint_file` (``weights_only=True``) reads back:
+    Python's ``random`` state as its version, its 625 words (an int64 tensor) and its cached Gaussian, torch's (and
+    CUDA's) as byte tensors. Nothing here draws from numpy's global RNG, so its state is not saved."""
+    version, words, gauss_next = random.getstate()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    """Restore :func:`rng_state`'s states (also the ``random.getstate()`` tuple that older checkpoints hold)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss_next"])
+    random.setstate(tuple(py) if isinstance(py, list) else py)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = None) -> Any:
+    """Read a checkpoint file of ours with ``torch.load(..., weights_only=True)``: tensors and plain containers
+    (dicts, lists, tuples, numbers, strings) only. Our backends write nothing else, so a file that needs any other
+    Python object to unpickle - which could run code while loading - was not written by them: it is refused with a
+    :class:`~pipeline.checks.PipelineError` naming the file and the object, and nothing in it is executed."""
+    from pipeline.checks import PipelineError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the object ("... GLOBAL posix.system ..."); its advice to allowlist it is not repeated here
+        what = [line.strip().removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+                for line in str(e).splitlines() if "GLOBAL" in line]
+        raise PipelineError(
+            f"refusing to load checkpoint file {path}: it holds a pickled Python object that is not plain data "
+            f"({what[0] if what else str(e).splitlines()[0]}), and unpickling it could run arbitrary code. LamPO's "
+            "checkpoints hold only tensors and plain containers, so this file was written by something else or was "
+            "tampered with; delete this checkpoint folder (the stage then resumes from an earlier one) or restore it "
+            "from a trusted copy") from None
 
 
 def inner_optimizer(opt: Any) -> torch.optim.Optimizer:

@@ -51,8 +51,9 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, hf_logits, init_process_group, inner_optimizer, lr_schedule,
-                                      move_optimizer_state, rng_state, set_rng_state, token_logprobs_from_logits)
+from pipeline.backends.common import (adamw_options, hf_logits, init_process_group, inner_optimizer,
+                                      load_checkpoint_file, lr_schedule, move_optimizer_state, rng_state,
+                                      set_rng_state, token_logprobs_from_logits)
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
@@ -240,19 +241,33 @@ class DeepSpeedBackend(TrainingBackend):
         dist.barrier()
 
     def load(self, path: str | Path) -> None:
-        """Collective. The world size must match the one that saved (ZeRO shards are per rank)."""
+        """Collective. The world size must match the one that saved (ZeRO shards are per rank).
+
+        Our own file (the RNG state) is read with ``weights_only=True`` (:func:`~.common.load_checkpoint_file`), before
+        DeepSpeed reads its files. DeepSpeed's own files are NOT: ``engine.load_checkpoint`` reads them through its
+        checkpoint engine, ``TorchCheckpointEngine.load`` in ``deepspeed/runtime/checkpoint_engine/
+        torch_checkpoint_engine.py``, which calls ``torch.load(path, map_location=..., weights_only=False)`` (deepspeed
+        0.19.x), for the model states (``DeepSpeedEngine._load_checkpoint`` in ``deepspeed/runtime/engine.py``, via
+        ``SDLoaderFactory`` in ``deepspeed/runtime/state_dict_factory.py``) and for the ZeRO optimizer shards
+        (``DeepSpeedEngine._get_all_zero_checkpoint_state_dicts``). Those shards do pickle DeepSpeed classes
+        (``LossScaler``, ``ZeroStageEnum``, ``fragment_address``), so ``weights_only=True`` would refuse them as they
+        are. What protects a resume here is the checkpoint's ``MANIFEST.json`` (sha256 of every file, checked by
+        :meth:`pipeline.context.Context.begin_stage` before this is called): it catches a damaged or swapped file, but
+        not someone who can rewrite the manifest too - only resume DeepSpeed checkpoints from a run folder you trust.
+        """
         path = Path(path)
         rng_file = path / f"rng_rank{self.rank}.pt"
         if not (path / CHECKPOINT_TAG).is_dir() or not rng_file.is_file():
             raise FileNotFoundError(f"{path} holds no DeepSpeed backend checkpoint for rank {self.rank} (expected "
                                     f"{CHECKPOINT_TAG}/ and {rng_file.name}); was it saved by this backend with the "
                                     "same world size?")
+        rng = load_checkpoint_file(rng_file)
         loaded, client = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         self.step = client["step"]
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(rng)
 
     def named_full_tensors(self, ranks: Sequence[int] = (0,)) -> Iterator[tuple[str, Tensor]]:
         """Collective under ZeRO-3 (each parameter is gathered in turn). Yields detached copies on the ranks of

@@ -18,8 +18,8 @@ from torch import Tensor
 from lampo.record import TokenBatch
 from pipeline import dist
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, hf_logits, lr_schedule, rng_state, set_rng_state,
-                                      token_logprobs_from_logits)
+from pipeline.backends.common import (adamw_options, hf_logits, load_checkpoint_file, lr_schedule, rng_state,
+                                      set_rng_state, token_logprobs_from_logits)
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class TorchBackend(TrainingBackend):
         from safetensors.torch import load_model
 
         path = Path(path)
+        state = load_checkpoint_file(path / "trainer_state.pt")  # weights_only: refuses pickled objects (code)
         load_model(self.model, path / "model.safetensors", strict=False, device=str(self.device))
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

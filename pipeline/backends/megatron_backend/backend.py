@@ -37,8 +37,8 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, inner_optimizer, lr_schedule, move_optimizer_state, rng_state,
-                                      set_rng_state)
+from pipeline.backends.common import (adamw_options, inner_optimizer, load_checkpoint_file, lr_schedule,
+                                      move_optimizer_state, rng_state, set_rng_state)
 from pipeline.backends.megatron_backend import weights
 from pipeline.backends.megatron_backend.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron_backend.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
@@ -237,14 +237,19 @@ class MegatronBackend(TrainingBackend):
     def load(self, path: str | Path) -> None:
         """Restore :meth:`save`'s shards. Another DP degree needs nothing; another TP x PP layout is resharded
         (weights and AdamW moments, :mod:`.reshard`), and then the per-rank RNG states are not restored (they do not
-        map across layouts; nothing on the training path draws random numbers: no dropout)."""
+        map across layouts; nothing on the training path draws random numbers: no dropout).
+
+        Every file is read with ``weights_only=True`` (:func:`~pipeline.backends.common.load_checkpoint_file`): what
+        :meth:`save` writes is tensors and plain containers only (the optimizer's and LR schedule's state dicts, the
+        RNG states, megatron-core's RNG tracker states: a dict of byte tensors); megatron-core's own checkpoint loader
+        (``dist_checkpointing``) is not used."""
         from megatron.core import tensor_parallel
 
         path = Path(path)
         saved = json.loads((path / "layout.json").read_text())
         same_layout = (saved["tp"], saved["pp"]) == (self.layout.tp, self.layout.pp)
         if same_layout:
-            state = torch.load(shard_file(path, self.tp_rank, self.pp_rank), map_location="cpu", weights_only=False)
+            state = load_checkpoint_file(shard_file(path, self.tp_rank, self.pp_rank), map_location="cpu")
         else:
             state = reshard(path, (saved["tp"], saved["pp"]), self.arch, self.layout.tp, self.layout.pp,
                             self.tp_rank, self.pp_rank, [n for n, _ in self.master.named()])
@@ -259,7 +264,7 @@ class MegatronBackend(TrainingBackend):
         self.step = state["step"]
         rng_file = path / f"rng_rank{dist.get_rank()}.pt"
         if same_layout and rng_file.is_file():  # absent when resuming with more DP ranks than were saved
-            rng = torch.load(rng_file, weights_only=False)
+            rng = load_checkpoint_file(rng_file)
             set_rng_state(rng["rng"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
 

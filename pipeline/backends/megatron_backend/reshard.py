@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.backends.common import load_checkpoint_file
 from pipeline.backends.megatron_backend import convert
 from pipeline.backends.megatron_backend.model import Arch
 
@@ -28,7 +29,7 @@ def reshard(path: Path, saved: tuple[int, int], arch: Arch, tp: int, pp: int, tp
     """This rank's ``{"model", "optimizer", "scheduler", "step"}`` in layout ``(tp, pp)`` from a checkpoint saved
     with layout ``saved`` = (tp, pp). ``names``: this rank's trainable parameter names, in optimizer order."""
     stp, spp = saved
-    files = {(r, s): torch.load(shard_file(path, r, s), map_location="cpu", weights_only=False)
+    files = {(r, s): load_checkpoint_file(shard_file(path, r, s), map_location="cpu")  # weights_only=True
              for r in range(stp) for s in range(spp)}
     first = files[0, 0]
     out = {"scheduler": first["scheduler"], "step": first["step"]}
