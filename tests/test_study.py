@@ -138,7 +138,7 @@ def _data(values: dict[str, dict[int, float]], sft: float = 0.5) -> dict:
     return data
 
 
-def test_the_report_states_who_wins_from_the_paired_intervals():
+def test_the_report_states_who_wins_from_the_paired_intervals(tmp_path):
     data = _data({"grpo": {1: 0.60, 2: 0.50, 3: 0.70}, "lampo": {1: 0.65, 2: 0.56, 3: 0.74},
                   "rloo": {1: 0.50, 2: 0.45, 3: 0.60}, "sft_control": {1: 0.70, 2: 0.40, 3: 0.60}}, sft=0.4)
     text = study_report.render(data, [])
@@ -149,6 +149,8 @@ def test_the_report_states_who_wins_from_the_paired_intervals():
     assert "- lampo gains over SFT" in text and "per seed +25.0, +16.0, +34.0" in text
     row = data["summary"]["lampo"]["greedy"]
     assert row["mean"] == pytest.approx((0.65 + 0.56 + 0.74) / 3) and row["vs_ref"]["n"] == 3
+    assert study_report.plot(data, tmp_path) == ["final_accuracy.png", "paired_vs_reference.png",
+                                                 "learning_curves.png", "stability.png", "pairwise.png"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def _study_processes(out: Path) -> list[int]:
 
 def test_a_two_arm_two_seed_study_survives_a_kill_and_reports(tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "benchmarks.study", TINY, *SMALL, "--arms", "lampo,grpo", "--seeds", "2",
+    cmd = [sys.executable, "-m", "benchmarks.study", TINY, *SMALL, "--arms", "lampo,sft_control", "--seeds", "2",
            "--out", str(out), *SMALL_FLAGS]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -192,17 +194,23 @@ def test_a_two_arm_two_seed_study_survives_a_kill_and_reports(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     res = json.loads((out / "results.json").read_text())
-    assert set(res["runs"]) == {"lampo", "grpo"} and all(set(r) == {"1234", "1235"} for r in res["runs"].values())
-    for runs in res["runs"].values():
+    assert set(res["runs"]) == {"lampo", "sft_control"}
+    assert all(set(r) == {"1234", "1235"} for r in res["runs"].values())
+    for arm, runs in res["runs"].items():
         for r in runs.values():
             assert 0 <= r["greedy"] <= 1 and 0 <= r["avg@2"] <= r["pass@2"] <= 1
-            assert set(r["curve"]) == {"0", "1", "2"}  # the SFT start, iteration 1, the final policy
-            assert len(r["train"]["entropy"]) == 2 and len(r["tokens_per_iteration"]) == 2
+            if arm == "lampo":
+                assert set(r["curve"]) == {"0", "1", "2"}  # the SFT start, iteration 1, the final policy
+                assert len(r["train"]["entropy"]) == 2 and len(r["tokens_per_iteration"]) == 2
+            else:  # more SFT for as many optimizer steps as the RL arm took (2): its start and its end
+                assert set(r["curve"]) == {"0", "2"} and r["train"] == {}
+    control = json.loads((out / "runs/sft_control/seed_1234/state/sft.json").read_text())
+    assert control["status"] == "done" and control["step"] == 2
     lampo_1234 = json.loads((out / "runs/lampo/seed_1234/final_eval/greedy/results.json").read_text())
     assert res["runs"]["lampo"]["1234"]["greedy"] == lampo_1234["benchmarks"]["tiny"]["metrics"]["avg@1"]
     report = (out / "report.md").read_text()
-    assert "| lampo | 2 |" in report and "| grpo | 2 |" in report and "lampo vs grpo" in report
-    for png in ("final_accuracy", "paired_vs_reference", "learning_curves", "stability", "pairwise"):
+    assert "| lampo | 2 |" in report and "| sft_control | 2 |" in report and "- lampo " in report
+    for png in ("final_accuracy", "learning_curves", "stability", "pairwise"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second study on the same folder at the same time is refused
     with open(out / ".lock", "w") as fh:
