@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lampo.advantages import ADVANTAGE_ESTIMATORS  # noqa: E402
+from lampo.advantages import ADVANTAGE_ESTIMATORS
 
 
 def main() -> None:

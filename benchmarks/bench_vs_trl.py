@@ -77,18 +77,20 @@ def count_optimizer_steps() -> list[int]:
 def bench_config(model_dir: str, run_dir: str):
     """The tiny pipeline's config with the benchmark's shape pinned (so a later edit of tiny.yaml cannot skew it)."""
     from pipeline.config import load_config
+    from pipeline.validate import validate_names
 
-    return load_config(TINY_YAML, [f"model.path={model_dir}", f"run.dir={run_dir}", "run.progress=false",
-                                   f"rl.prompts_per_iteration={PROMPTS}", f"rollout.n_samples={SAMPLES}",
-                                   f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
-                                   f"rollout.batch_size={PROMPTS * SAMPLES}", f"rollout.temperature={TEMPERATURE}",
-                                   f"rl.mini_batch_size={MINI_BATCH}", f"backend.micro_batch_size={MINI_BATCH}"])
+    return validate_names(load_config(
+        TINY_YAML, [f"model.path={model_dir}", f"run.dir={run_dir}", "run.progress=false",
+                    f"rl.prompts_per_iteration={PROMPTS}", f"rollout.n_samples={SAMPLES}",
+                    f"rollout.max_new_tokens={MAX_NEW_TOKENS}", f"rollout.batch_size={PROMPTS * SAMPLES}",
+                    f"rollout.temperature={TEMPERATURE}", f"rl.mini_batch_size={MINI_BATCH}",
+                    f"backend.micro_batch_size={MINI_BATCH}"]))
 
 
 def iteration_rows(cfg, total: int) -> list[list[dict]]:
     """The prompts of iterations 0..total-1, chosen exactly as ``pipeline.stages.rl.run`` chooses them."""
+    from evaluation.tiny_task import make_split
     from pipeline.stages.sft import batch_indices
-    from pipeline.tiny.task import make_split
 
     rows = make_split("train", cfg.data.tiny_train_size, seed=cfg.run.seed)
     return [[rows[i] for i in batch_indices(len(rows), cfg.rl.prompts_per_iteration, it, cfg.run.seed)]
@@ -375,9 +377,10 @@ def main() -> None:
                     raise SystemExit(f"the {side} run failed (exit {proc.returncode}); its output is above")
                 s = summarise(json.loads(lines[-1][len("RESULT "):]))
                 runs[side].append(s)
-                print(f"    {side}: {s['total']:.2f} s/iteration, CPU {s['cpu']:.2f} s (rollout {s['rollout']:.2f}, scoring "
-                      f"{s['scoring']:.2f}, training {s['training']:.2f}), peak RSS {s['peak_rss_mib']:.0f} MiB, "
-                      f"{s['threads']} thread(s), child wall {time.perf_counter() - t:.0f} s", flush=True)
+                print(f"    {side}: {s['total']:.2f} s/iteration, CPU {s['cpu']:.2f} s (rollout {s['rollout']:.2f}, "
+                      f"scoring {s['scoring']:.2f}, training {s['training']:.2f}), peak RSS "
+                      f"{s['peak_rss_mib']:.0f} MiB, {s['threads']} thread(s), child wall "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
     print(f"load average at the end {load()}")
 
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "work"} for side, rs in runs.items()}

@@ -58,13 +58,14 @@ def build_model(folder: Path, shape: dict) -> int:
 
 def make_config(model_path: Path, args: argparse.Namespace, gpu: bool):
     from pipeline.config import load_config
+    from pipeline.validate import validate_names
 
     overrides = [f"model.path={model_path}", f"backend={args.backend}", f"backend.micro_batch_size={args.micro_batch}",
                  f"rollout.batch_size={args.prompts * args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
                  f"rollout.n_samples={args.samples}", "backend.colocate_rollout=false", "run.progress=false"]
     if gpu:
         overrides += ["model.dtype=bfloat16", "backend.bf16=true"]
-    return load_config(None, overrides)
+    return validate_names(load_config(None, overrides))
 
 
 def synchronize() -> None:

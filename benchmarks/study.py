@@ -32,6 +32,7 @@ killed study leaves no orphan writing into a run folder; a lock file refuses a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -133,10 +134,7 @@ def parse_arms(spec: str, extra: list[str]) -> dict[str, Arm]:
 def parse_seeds(spec: str, base: int) -> list[int]:
     """``5`` -> five seeds starting at the config's ``run.seed``; ``1,7,9`` -> exactly those."""
     try:
-        if "," in spec:
-            seeds = [int(s) for s in spec.split(",") if s.strip()]
-        else:
-            seeds = [base + i for i in range(int(spec))]
+        seeds = [int(s) for s in spec.split(",") if s.strip()] if "," in spec else [base + i for i in range(int(spec))]
     except ValueError:
         raise StudyError(f"--seeds {spec!r}: give a count (5) or a comma-separated list (1,2,3)") from None
     if not seeds or len(set(seeds)) != len(seeds):
@@ -236,10 +234,8 @@ class Study:
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGKILL when the thread that started it ends, so a killed study leaves no orphan."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
 
 
 class Runner:
@@ -353,9 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> tuple[Study, Any]:
     sys.path.insert(0, str(REPO))
     from pipeline.config import ConfigError, load_config
+    from pipeline.validate import validate_names
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = validate_names(load_config(args.config, args.overrides))
     except ConfigError as e:
         raise StudyError(f"{args.config}: {e}") from None
     if "rl" not in cfg.run.stages and "sft" not in cfg.run.stages:
@@ -363,7 +360,7 @@ def build(args: argparse.Namespace) -> tuple[Study, Any]:
     arms = parse_arms(args.arms, args.arm)
     for name, arm in arms.items():  # every arm must be a valid config before anything runs
         try:
-            load_config(args.config, [*args.overrides, *arm.overrides])
+            validate_names(load_config(args.config, [*args.overrides, *arm.overrides]))
         except ConfigError as e:
             raise StudyError(f"arm {name} ({' '.join(arm.overrides)}): {e}") from None
     for flag in ("eval_limit", "sample_limit", "sample_k", "curve_limit"):

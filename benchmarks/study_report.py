@@ -209,7 +209,8 @@ def _ci(d: dict[str, float] | None, signed: bool = False) -> str:
 def verdict(arm: str, d: dict[str, float] | None, ref: str) -> str:
     if not d or d.get("n", 0) < 2 or math.isnan(d["low"]):
         return f"{arm} vs {ref}: fewer than 2 paired seeds, no interval"
-    gap = f"{100 * d['mean']:+.1f} points, 95% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], {d['n']} paired seeds"
+    gap = (f"{100 * d['mean']:+.1f} points, 95% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], "
+           f"{d['n']} paired seeds")
     if d["low"] > 0:
         return f"**{arm} beats {ref}**: {gap}"
     if d["high"] < 0:
@@ -242,8 +243,8 @@ def render(data: dict[str, Any], plots: list[str]) -> str:
         lines.append(f"| {arm} | `{' '.join(a['overrides']) or '-'}` | {a['about']} |")
     lines += ["", f"Evaluation: the first {ev['eval_limit']} held-out problems greedy (avg@1); the first "
               f"{ev['sample_limit']} with {k} samples at T={ev['sample_temperature']} (avg@{k}, pass@{k}); learning "
-              f"curves on the first {ev['curve_limit']} (greedy) every {ev['curve_every']} iterations. One evaluation's "
-              f"binomial standard error: {_pct(sft['se_eval'])} points at the SFT checkpoint.", "",
+              f"curves on the first {ev['curve_limit']} (greedy) every {ev['curve_every']} iterations. One "
+              f"evaluation's binomial standard error: {_pct(sft['se_eval'])} points at the SFT checkpoint.", "",
               "## Held-out accuracy (%, mean over seeds [95% CI])", "",
               f"| arm | seeds | greedy | avg@{k} | pass@{k} | greedy vs {ref} (paired) | greedy vs SFT |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -359,7 +360,8 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 tys.append([p[1] for p in pts])
             n = min(map(len, txs))
             axes[1].plot([sum(t[j] for t in txs) / len(txs) for j in range(n)],
-                         [100 * sum(t[j] for t in tys) / len(tys) for j in range(n)], color=colors[a], marker=".", label=a)
+                         [100 * sum(t[j] for t in tys) / len(tys) for j in range(n)], color=colors[a], marker=".",
+                         label=a)
     axes[0].set_xlabel("RL iteration (SFT control: optimizer step)")
     axes[1].set_xlabel("generated tokens (cumulative, mean over seeds)")
     for ax in axes:

@@ -32,6 +32,7 @@ from evaluation.data import (
     read_hub,
     read_local,
 )
+from evaluation.tiny_task import TINY_HELDOUT_DEFAULT, make_split
 from lampo.registry import Registry
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -166,11 +167,9 @@ def build_gpqa(b: Benchmark, row: dict[str, Any], seed: int = 0) -> Problem:
 
 
 def _tiny_rows(limit: int | None, seed: int, ops: int = 3) -> list[dict[str, Any]]:
-    """The tiny task's held-out split: ``limit`` problems, else as many as ``data.tiny_heldout_size`` defaults to."""
-    from pipeline.config import DataConfig
-    from pipeline.tiny.task import make_split
-
-    n = limit if limit is not None else DataConfig().tiny_heldout_size
+    """The tiny task's held-out split: ``limit`` problems, else :data:`~evaluation.tiny_task.TINY_HELDOUT_DEFAULT`
+    (what ``data.tiny_heldout_size`` defaults to)."""
+    n = limit if limit is not None else TINY_HELDOUT_DEFAULT
     name = "tiny" if ops == 3 else f"tiny{ops}"
     return [{**r, "where": f"{name}[{i}]"} for i, r in enumerate(make_split("heldout", n, seed=seed, ops=ops))]
 

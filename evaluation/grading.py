@@ -1,7 +1,7 @@
 """Graders, by name: thin adapters over the project's one answer checker in :mod:`lampo.rewards`.
 
-Evaluation never grades on its own: ``math`` uses ``lampo.rewards.math_answer.extract_answer`` and ``is_equivalent`` (the
-same code that scores RL rewards, so an evaluation accuracy and a training reward mean the same thing), ``choice``
+Evaluation never grades on its own: ``math`` uses ``lampo.rewards.math_answer.extract_answer`` and ``is_equivalent``
+(the same code that scores RL rewards, so an evaluation accuracy and a training reward mean the same thing), ``choice``
 uses ``lampo.rewards.choice.extract_choice``. The imports are lazy so that loading benchmarks does not pull in the
 symbolic-math stack.
 """

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from evaluation.benchmarks import LoadedBenchmark, Problem, load_benchmark
+from evaluation.engine import RolloutEngine, SamplingParams
 from evaluation.grading import GRADERS
 from evaluation.metrics import breakdown, length_stats, majority_correct, score_metrics
 from evaluation.prompts import PROMPT_STYLES, encode_prompt
 from evaluation.report import write_report
-from pipeline.rollout.base import RolloutEngine, SamplingParams
 
 log = logging.getLogger("evaluation")
 
@@ -157,7 +157,7 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
                 raise RuntimeError(f"{b.name}: the engine returned {[len(g) for g in by_prompt]} responses per prompt; "
                                    f"expected {k} each")
             lines = []
-            for (_, p), prompt_ids, gs in zip(chunk, prompts, by_prompt):
+            for (_, p), _prompt_ids, gs in zip(chunk, prompts, by_prompt):
                 recs = [_record(b.name, p, s, g, tokenizer, grader, timeout_s) for s, g in enumerate(gs)]
                 done[p.id] = recs
                 lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]

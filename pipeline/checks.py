@@ -12,8 +12,8 @@ def require_model_dir(path: str | Path) -> Path:
     """A local Hugging Face checkpoint folder: it must exist and hold config.json and weights."""
     p = Path(path)
     if not p.exists():
-        raise PipelineError(f"model path {str(p)!r} does not exist; set model.path to a Hugging Face checkpoint folder, "
-                            "a hub id (downloaded on first use), or 'tiny'")
+        raise PipelineError(f"model path {str(p)!r} does not exist; set model.path to a Hugging Face checkpoint "
+                            "folder, a hub id (downloaded on first use), or 'tiny'")
     if not (p / "config.json").is_file():
         raise PipelineError(f"model path {str(p)!r} has no config.json; is it a Hugging Face checkpoint folder?")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):

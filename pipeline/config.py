@@ -1,7 +1,10 @@
 """The one typed config tree of a run: dataclasses, loaded from YAML, with dotted ``key=value`` overrides.
 
 This module is the single source of truth for every field, its default and its meaning. ``load_config`` reads a YAML
-file, applies overrides, and validates once; errors name the field and say what to change.
+file, applies overrides, and checks every value; errors name the field and say what to change. It is a leaf: it imports
+no other module of the project, so every package may read the schema. The checks against what other modules define
+(names of stages, estimators, losses, rewards, backends and engines; a backend's layout rules) are
+:func:`pipeline.validate.validate_names`, which every entry point calls after loading a config for real use.
 
 Override syntax (command line):
 
@@ -68,7 +71,7 @@ class DataConfig:
     use_chat_template: bool = False
     max_prompt_tokens: int = 192  # prompts are cut to their last N tokens; eval prompts (not cut) are budgeted N too
     tiny_train_size: int = 4000
-    tiny_heldout_size: int = 200
+    tiny_heldout_size: int = 200  # = evaluation.tiny_task.TINY_HELDOUT_DEFAULT, the tiny benchmarks' size (tested)
     tiny_ops: int = 3  # operations per tiny problem: 3 is the default task, 5 the harder variant (benchmark tiny5)
 
 
@@ -229,9 +232,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
+        none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if none and type(None) in args:
+            return None
         last: Exception | None = None
         for a in args:
             if a is type(None):
@@ -369,13 +372,15 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _one_of(value: Any, allowed: typing.Iterable[Any], where: str) -> None:
+def one_of(value: Any, allowed: typing.Iterable[Any], where: str) -> None:
     allowed = list(allowed)
     _check(value in allowed, f"{where}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def validate(cfg: Config) -> Config:
-    """Check every value once; raise ConfigError naming the field and what to change."""
+    """Check every value on its own (types are checked while building): ranges, and one-of over fixed literals; raise
+    ConfigError naming the field and what to change. Names that registries define are checked by
+    :func:`pipeline.validate.validate_names`."""
     for path in ("sft.steps", "sft.batch_size", "rl.iterations", "rl.prompts_per_iteration", "rl.mini_batch_size",
                  "rollout.n_samples", "rollout.max_new_tokens", "rollout.batch_size", "backend.micro_batch_size",
                  "backend.tensor_parallel", "backend.pipeline_parallel", "eval.samples", "eval.max_new_tokens",
@@ -400,10 +405,6 @@ def validate(cfg: Config) -> Config:
     _check(algo.clip_low < 1, f"rl.algorithm.clip_low={algo.clip_low} must be below 1 (ratio lower bound 1-clip_low)")
     _check(algo.dual_clip is None or algo.dual_clip > 1, f"rl.algorithm.dual_clip={algo.dual_clip} must be > 1")
     _check(algo.kl_coef >= 0, f"rl.algorithm.kl_coef={algo.kl_coef} must be >= 0")
-    from pipeline.stages import STAGES
-
-    for st in cfg.run.stages:
-        _one_of(st, list(STAGES), "run.stages[]")
     _check(len(set(cfg.run.stages)) == len(cfg.run.stages), f"run.stages={cfg.run.stages} names a stage twice")
     _check(cfg.rollout.n_samples >= 2 or "rl" not in cfg.run.stages,
            f"rollout.n_samples={cfg.rollout.n_samples}: group-relative advantages need at least 2 samples per prompt")
@@ -412,28 +413,12 @@ def validate(cfg: Config) -> Config:
         _check(0 <= v < 1, f"backend.{name}={v} must be in [0, 1)")
     _check(cfg.backend.adam_eps > 0, f"backend.adam_eps={cfg.backend.adam_eps} must be positive")
     _check(cfg.rl.reward.alpha >= 0, f"rl.reward.alpha={cfg.rl.reward.alpha} must be >= 0")
-    _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
-    _one_of(cfg.backend.zero_stage, (0, 1, 2, 3), "backend.zero_stage")
-    # names are checked against the live registries, so a new estimator/loss/backend needs no edit here
-    from lampo.advantages import ADVANTAGE_ESTIMATORS, PAIR_WEIGHTS
-    from lampo.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-    from lampo.rewards import REWARDS
-    from pipeline.backends import BACKENDS
-    from pipeline.rollout import ENGINES
-
-    for path, reg in (("rl.algorithm.advantage", ADVANTAGE_ESTIMATORS), ("rl.algorithm.policy_loss", POLICY_LOSSES),
-                      ("rl.algorithm.loss_agg", LOSS_AGGREGATIONS), ("rl.algorithm.kl_estimator", KL_ESTIMATORS),
-                      ("rl.reward.outcome", REWARDS), ("backend.name", BACKENDS), ("rollout.engine", ENGINES)):
-        _one_of(get_path(cfg, path), sorted(reg), path)
-    _one_of(algo.lampo_weight, PAIR_WEIGHTS, "rl.algorithm.lampo_weight")
-    if cfg.rl.reward.dense is not None:
-        _one_of(cfg.rl.reward.dense, sorted(REWARDS), "rl.reward.dense")
-    # backend-specific layout checks (heads divisible by TP, ...) live with the backend class
-    from pipeline.backends import backend_class
-
-    backend_class(cfg.backend.name).validate_config(cfg)
-    # what needs the model's own config (context length, heads vs TP, memory) is checked by
-    # pipeline.validate.validate_cluster, which the runner calls after loading
+    one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+    one_of(cfg.backend.zero_stage, (0, 1, 2, 3), "backend.zero_stage")
+    # Names (stages, estimators, losses, rewards, backends, engines) are checked against the live registries, and the
+    # backend's own layout rules applied, by pipeline.validate.validate_names: this module imports no other module of
+    # the project. What needs the model's own config (context length, heads vs TP, memory) is checked by
+    # pipeline.validate.validate_cluster. The runner calls both after loading, before any stage.
     return cfg
 
 

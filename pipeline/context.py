@@ -15,8 +15,15 @@ from pipeline.config import Config
 from pipeline.faults import fault_point
 from pipeline.logger import Logger
 from pipeline.models import load_tokenizer, resolve_model_path
-from pipeline.state import (RunDir, StageState, atomic_dir, checkpoint_step, folder_bytes, verify_manifest,
-                            write_manifest)
+from pipeline.state import (
+    RunDir,
+    StageState,
+    atomic_dir,
+    checkpoint_step,
+    folder_bytes,
+    verify_manifest,
+    write_manifest,
+)
 
 # Estimated bytes per model parameter of a training checkpoint, for the free-space check before the first one (later
 # ones are sized by the previous checkpoint): fp32 weights and AdamW's two fp32 moments (12), plus room for the
@@ -32,7 +39,8 @@ def parameter_count(model_dir: Path) -> int:
     n = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
-            n += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+            # safe_open has keys() but is not iterable
+            n += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())  # noqa: SIM118
     return n or sum(f.stat().st_size for f in model_dir.glob("*.bin")) // 2
 
 

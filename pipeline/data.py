@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evaluation.data import BenchmarkDataError, HubSource, parse_hub, read_hub, read_local
+from evaluation.tiny_task import make_split
 from pipeline.checks import PipelineError
 
 if TYPE_CHECKING:
@@ -16,8 +18,6 @@ Row = dict[str, str]
 def read_records(source: str, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
     """Raw records with a location each (``file:line`` or ``hub-id[i]``) for error messages. Reading is shared with
     the evaluation package; unlike a benchmark, training data with a bad row is refused rather than skipped."""
-    from evaluation.data import BenchmarkDataError, HubSource, parse_hub, read_hub, read_local
-
     try:
         if not Path(source).exists() and (source.startswith((".", "/")) or Path(source).suffix):
             raise PipelineError(f"data file {source!r} does not exist (data.train / data.heldout)")
@@ -45,7 +45,7 @@ def map_rows(records: list[tuple[str, dict[str, Any]]], data: DataConfig) -> lis
                                     f"data.answer_field to the names this file uses; it has {sorted(rec)})")
         answer = str(rec[data.answer_field])
         if data.answer_after:
-            head, marker, answer = answer.rpartition(data.answer_after)
+            _, marker, answer = answer.rpartition(data.answer_after)
             answer = answer.strip()
             if not marker or not answer:
                 raise PipelineError(f"{where}: field {data.answer_field!r} has no answer after "
@@ -61,8 +61,6 @@ def load_rows(cfg: Config, which: str) -> list[Row]:
     """``which`` is ``train`` or ``heldout``: the rows of ``data.train`` / ``data.heldout``."""
     source = cfg.data.train if which == "train" else cfg.data.heldout
     if source == "tiny":
-        from pipeline.tiny.task import make_split
-
         n = cfg.data.tiny_train_size if which == "train" else cfg.data.tiny_heldout_size
         return make_split(which, n, seed=cfg.run.seed, ops=cfg.data.tiny_ops)
     return map_rows(read_records(source, cfg.data.split if which == "train" else "test"), cfg.data)

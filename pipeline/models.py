@@ -25,7 +25,8 @@ def load_hf_model(path: str | Path, cfg: Config, device: torch.device) -> torch.
 
 
 def load_tokenizer(path: str | Path, cfg: Config) -> Any:
-    """The tokenizer at ``path`` (a folder or a hub id); it must have an EOS token, and gets PAD = EOS if it has none."""
+    """The tokenizer at ``path`` (a folder or a hub id); it must have an EOS token, and gets PAD = EOS if it has
+    none."""
     from transformers import AutoTokenizer
 
     try:

@@ -83,10 +83,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.config import Config
+from pipeline.checks import PipelineError
+from pipeline.config import Config, ConfigError, TinyModelConfig, _build, apply_overrides, load_config
+from pipeline.validate import check_context, check_layout, shape_from_hf, validate_names
 
 GIB = 2**30
 RESERVE_GIB = 2.0  # per GPU: CUDA context, NCCL buffers, allocator fragmentation
@@ -117,7 +118,6 @@ def read_model_config(path: str, *, tiny: Any = None, trust_remote_code: bool = 
     ``transformers.AutoConfig`` (fetches config.json only).
     """
     if path == "tiny":
-        from pipeline.config import TinyModelConfig
         from pipeline.tiny.model import tiny_qwen2_config
         from pipeline.tiny.tokenizer import build_tokenizer
 
@@ -272,8 +272,6 @@ def model_checks(cfg: Config, vshape: Any, world: int) -> tuple[list[str], list[
     ``check_layout``), the Megatron mapping of the family (``arch_from_hf``: partial rotary, sliding window...), and
     batches smaller than DP. Context: prompt budget + new tokens of rollouts and evaluation, and ``sft.max_seq_len``,
     against the model's context as SGLang derives it."""
-    from pipeline.validate import check_context, check_layout
-
     return check_layout(cfg, vshape, world), check_context(cfg, vshape)
 
 
@@ -281,8 +279,6 @@ def make_plan(cfg: Config, cluster: Cluster, model_config: dict[str, Any], sourc
               vshape: Any = None) -> Plan:
     """The plan of ``cfg`` on ``cluster`` for the model described by ``model_config`` (a config.json dict).
     ``vshape``: the model's ``pipeline.validate.ModelShape`` (built from ``model_config`` when not given)."""
-    from pipeline.validate import shape_from_hf
-
     s = Shape.from_config(model_config)
     if vshape is None:
         vshape = shape_from_hf(hf_config_of(model_config), cfg.model.path)
@@ -465,7 +461,7 @@ def make_plan(cfg: Config, cluster: Cluster, model_config: dict[str, Any], sourc
 def load_for_plan(config: str, overrides: list[str], world: int) -> tuple[Config, dict[str, Any], str]:
     """The config as a run on ``world`` processes would load it, with the model's config.json and its source.
 
-    ``load_config`` validates the layout against ``WORLD_SIZE`` and, for Megatron, against the heads and layers it
+    ``validate_names`` checks the layout against ``WORLD_SIZE`` and, for Megatron, against the heads and layers it
     reads from ``model.path/config.json``; so the config is loaded with ``WORLD_SIZE=world`` and, for a hub id, with
     ``model.path`` pointing at a folder holding that config.json (the shipped copy, or the one AutoConfig fetched),
     then ``model.path`` is put back.
@@ -473,8 +469,6 @@ def load_for_plan(config: str, overrides: list[str], world: int) -> tuple[Config
     import tempfile
 
     import yaml
-
-    from pipeline.config import ConfigError, apply_overrides, load_config
 
     p = Path(config)
     if not p.is_file():
@@ -484,8 +478,6 @@ def load_for_plan(config: str, overrides: list[str], world: int) -> tuple[Config
     path = str(model.get("path", "tiny"))
     tiny = None
     if path == "tiny":
-        from pipeline.config import TinyModelConfig, _build
-
         tiny = _build(TinyModelConfig, model.get("tiny") or {}, "model.tiny")
     model_config, source = read_model_config(path, tiny=tiny, trust_remote_code=bool(model.get("trust_remote_code")))
     old = os.environ.get("WORLD_SIZE")
@@ -498,7 +490,7 @@ def load_for_plan(config: str, overrides: list[str], world: int) -> tuple[Config
                 extra = [f"model.path={tmp}"]
                 if not model.get("tokenizer"):
                     extra.append(f"model.tokenizer={path}")
-            cfg = load_config(config, list(overrides) + extra)
+            cfg = validate_names(load_config(config, list(overrides) + extra))
         cfg.model.path = path
     finally:
         if old is None:
@@ -523,9 +515,6 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan_command(args: argparse.Namespace) -> int:
     """Print the plan; exit 2 with one line on stderr when the config or the layout is refused."""
-    from pipeline.checks import PipelineError
-    from pipeline.config import ConfigError
-
     if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_memory_gib <= 0:
         print(f"error: --nodes {args.nodes}, --gpus-per-node {args.gpus_per_node} and --gpu-memory-gib "
               f"{args.gpu_memory_gib:g} must be positive", file=sys.stderr)

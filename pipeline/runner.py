@@ -20,9 +20,10 @@ from pipeline.checks import PipelineError
 from pipeline.config import Config, ConfigError, config_diff, load_config
 from pipeline.context import Context
 from pipeline.logger import Logger
+from pipeline.plan import add_plan_arguments, plan_command
 from pipeline.stages import stage_fn
 from pipeline.state import RunDir, atomic_write_text
-from pipeline.validate import validate_cluster
+from pipeline.validate import validate_cluster, validate_names
 
 # fields that may change between a run and its resumption without changing what it computes
 RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_timeout_min", "run.keep_last_checkpoints",
@@ -80,7 +81,7 @@ def check_shared_run_dir(rd: RunDir) -> None:
 
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
     quiet_libraries()
-    cfg = load_config(config, overrides)
+    cfg = validate_names(load_config(config, overrides))  # names against the registries, the backend's layout rules
     dist.init(cfg.run.collective_timeout_min)  # every process group of the run gets this collective timeout
     validate_cluster(cfg)  # what needs the model's config.json: context, TP/PP vs heads and layers, GPU memory
     if cfg.run.threads > 0:
@@ -103,7 +104,8 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
         dist.barrier()
     ctx = Context(cfg, rd, Logger(rd.tb))
     try:
-        ctx.tokenizer  # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
+        # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
+        ctx.tokenizer  # noqa: B018 - a cached property, read for its effect
         for name in stages:
             if rd.state(name).status == "done":
                 ctx.log.print(f"[{name}] already done, skipping")
@@ -138,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_run_arguments(sub.add_parser("run", help="run (or resume) the stages of a config"))
-    from pipeline.plan import add_plan_arguments, plan_command
-
     add_plan_arguments(sub.add_parser("plan", help="print the process layout and per-GPU memory of a config on a "
                                                    "cluster, without a GPU (see pipeline/plan.py)"))
     args = ap.parse_args(argv)

@@ -1,12 +1,19 @@
-"""Config-time checks of what would otherwise fail only on the cluster, minutes into a run: sequence lengths against
-the model's context, the parallel layout against the world size and the model's heads and layers, and the split of
-a GPU's memory between an in-process SGLang engine and the trainer.
+"""Config-time checks beyond the schema's own value checks (:func:`pipeline.config.validate`, which ``load_config``
+runs), each raising one :class:`~pipeline.config.ConfigError` line naming the fields:
 
-They need the model's own ``config.json`` (read with ``transformers.AutoConfig`` from the local folder or the hub,
-without weights; for ``model.path=tiny`` the shape comes from ``model.tiny``), so the runner calls
-:func:`validate_cluster` after the config is loaded and before any stage, rather than :func:`pipeline.config.validate`
-calling it. Every problem found is reported in one :class:`~pipeline.config.ConfigError` line naming the fields and
-the numbers; only the fields the configured stages use are checked.
+* :func:`validate_names`: the names a config gives (stages, advantage estimator, policy loss, loss aggregation, KL
+  estimator, rewards, training backend, rollout engine, LamPO pair weight) against the live registries that define
+  them, so a new estimator, loss or backend needs no edit to the schema, and the chosen backend's own layout rules
+  (:meth:`~pipeline.backends.base.TrainingBackend.validate_config`). The schema module imports no other module of the
+  project, so these checks live here; every entry point that loads a config for real use calls this right after
+  ``load_config`` (the runner, ``python -m pipeline plan``, ``python -m evaluation``, the benchmark scripts).
+* :func:`validate_cluster`: what would otherwise fail only on the cluster, minutes into a run: sequence lengths against
+  the model's context, the parallel layout against the world size and the model's heads and layers, and the split of
+  a GPU's memory between an in-process SGLang engine and the trainer. These need the model's own ``config.json`` (read
+  with ``transformers.AutoConfig`` from the local folder or the hub, without weights; for ``model.path=tiny`` the shape
+  comes from ``model.tiny``), so the runner calls :func:`validate_cluster` after the config is loaded and before any
+  stage. Every problem found is reported in one line naming the fields and the numbers; only the fields the configured
+  stages use are checked.
 """
 from __future__ import annotations
 
@@ -14,8 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lampo.advantages import ADVANTAGE_ESTIMATORS, PAIR_WEIGHTS
+from lampo.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from lampo.rewards import REWARDS
+from pipeline import dist
+from pipeline.backends import BACKENDS, backend_class
 from pipeline.checks import PipelineError, require_model_dir
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, get_path, one_of
+from pipeline.rollout import ENGINES
+from pipeline.stages import STAGES
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -24,6 +38,32 @@ GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the keys SGLang reads a context length from, in its order (sglang 0.5.21, utils/hf_transformers/common.py)
 CONTEXT_KEYS = ("max_sequence_length", "seq_length", "max_seq_len", "model_max_length", "max_position_embeddings")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# names against the registries
+
+
+def validate_names(cfg: Config) -> Config:
+    """Check every name of ``cfg`` against the registry that defines it, then the backend's own layout rules (e.g.
+    TP x PP x DP against ``WORLD_SIZE``, heads divisible by TP); raise ConfigError naming the field and the names
+    allowed. Returns ``cfg``, so that ``cfg = validate_names(load_config(...))`` reads as one step."""
+    for st in cfg.run.stages:
+        one_of(st, list(STAGES), "run.stages[]")
+    for path, reg in (("rl.algorithm.advantage", ADVANTAGE_ESTIMATORS), ("rl.algorithm.policy_loss", POLICY_LOSSES),
+                      ("rl.algorithm.loss_agg", LOSS_AGGREGATIONS), ("rl.algorithm.kl_estimator", KL_ESTIMATORS),
+                      ("rl.reward.outcome", REWARDS), ("backend.name", BACKENDS), ("rollout.engine", ENGINES)):
+        one_of(get_path(cfg, path), sorted(reg), path)
+    one_of(cfg.rl.algorithm.lampo_weight, PAIR_WEIGHTS, "rl.algorithm.lampo_weight")
+    if cfg.rl.reward.dense is not None:
+        one_of(cfg.rl.reward.dense, sorted(REWARDS), "rl.reward.dense")
+    # backend-specific layout checks (heads divisible by TP, ...) live with the backend class
+    backend_class(cfg.backend.name).validate_config(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the model's shape
 
 
 @dataclass(frozen=True)
@@ -178,10 +218,10 @@ def check_layout(cfg: Config, shape: ModelShape, world_size: int) -> list[str]:
     engines' tensor parallelism (SGLang splits the attention heads over its ``tp_size`` GPUs)."""
     b, problems = cfg.backend, []
     k = rollout_tp(cfg)
-    if k > 1 and cfg.rollout.engine == "sglang" and not external_engine(cfg):
-        if shape.num_heads % k or world_size % k:
-            problems.append(f"rollout.tensor_parallel={k} must divide the {shape.num_heads} attention heads of "
-                            f"model.path={shape.name!r} and the world size {world_size}")
+    if (k > 1 and cfg.rollout.engine == "sglang" and not external_engine(cfg)
+            and (shape.num_heads % k or world_size % k)):
+        problems.append(f"rollout.tensor_parallel={k} must divide the {shape.num_heads} attention heads of "
+                        f"model.path={shape.name!r} and the world size {world_size}")
     if b.name == "megatron":
         from pipeline.backends.megatron_backend.parallel import Layout
         from pipeline.backends.megatron_backend.parallel import check_layout as megatron_layout
@@ -282,8 +322,8 @@ def check_memory(cfg: Config, shape: ModelShape, world_size: int, gpu_memory: in
             if trainer.training > left:
                 problems.append(f"backend.colocate_rollout=false: SGLang keeps rollout.sglang_mem_fraction="
                                 f"{r.sglang_mem_fraction}{beside} ({_gib(share)}) while the trainer steps, leaving "
-                                f"{_gib(left)}, less than the trainer's {_gib(trainer.training)} (weights and optimizer "
-                                "state); set backend.colocate_rollout=true or lower the fraction")
+                                f"{_gib(left)}, less than the trainer's {_gib(trainer.training)} (weights and "
+                                "optimizer state); set backend.colocate_rollout=true or lower the fraction")
     return problems
 
 
@@ -305,8 +345,6 @@ def validate_cluster(cfg: Config, *, world_size: int | None = None, gpu_memory: 
                      shape: ModelShape | None = None) -> ModelShape:
     """Run every check; raise one ConfigError line listing every problem. ``world_size``: default the launch's
     (``pipeline.dist.world_size``); ``gpu_memory`` (bytes): default this rank's GPU, none on CPU (memory unchecked)."""
-    from pipeline import dist
-
     world_size = dist.world_size() if world_size is None else world_size
     if gpu_memory is None:
         gpu_memory = gpu_memory_of_this_rank()

@@ -72,7 +72,7 @@ def reasoning_part(text: str) -> str:
     from re-counting the outcome. A response with no recognisable final answer is all reasoning.
     """
     last = None
-    for last in _FINAL_ANSWER.finditer(text):
+    for last in _FINAL_ANSWER.finditer(text):  # noqa: B007 - keeps the last match
         pass
     if last is None:
         return text.strip()

@@ -75,7 +75,7 @@ def _last_boxed(text: str) -> str | None:
 
 def _answer_phrase(text: str) -> str | None:
     last = None
-    for last in _ANSWER_IS.finditer(text):
+    for last in _ANSWER_IS.finditer(text):  # noqa: B007 - keeps the last match
         pass
     if last is None:
         return None

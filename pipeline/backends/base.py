@@ -71,7 +71,7 @@ class TrainingBackend(ABC):
     optimizer: Any = None
     scheduler: Any = None
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook: by default a backend accepts every config
     def validate_config(cls, cfg: Config) -> None:
         """Refuse a config this backend cannot run (e.g. heads not divisible by TP), naming the numbers."""
 
@@ -196,7 +196,7 @@ class TrainingBackend(ABC):
     # --- colocated rollouts -------------------------------------------------------------------------------------------
     def local_module(self) -> torch.nn.Module | None:
         """The whole Hugging Face model, unsharded, in this process, for a rollout engine in the same process to sample
-        from without a copy (:meth:`~pipeline.rollout.base.RolloutEngine.can_share`); None when the model is sharded
+        from without a copy (:meth:`~evaluation.engine.RolloutEngine.can_share`); None when the model is sharded
         across processes or wrapped (DeepSpeed, Megatron)."""
         return None
 

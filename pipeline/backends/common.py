@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lampo.losses import entropy_from_logits, policy_objective
 from lampo.record import TokenBatch, check_finite
+from pipeline.checks import PipelineError
+from pipeline.dist import collective_timeout
 
 if TYPE_CHECKING:
     from pipeline.config import AlgorithmConfig, Config
@@ -46,8 +49,6 @@ def init_process_group(use_cuda: bool) -> None:
     NCCL on CUDA (after selecting the GPU of LOCAL_RANK), gloo on the CPU; the group gets the configured collective
     timeout (``run.collective_timeout_min``, :func:`pipeline.dist.collective_timeout`).
     """
-    from pipeline.dist import collective_timeout
-
     if dist.is_initialized():
         return
     if use_cuda:
@@ -87,8 +88,6 @@ def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 def entropy_aligned(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution, aligned like :func:`token_logprobs_from_logits`: (B, T)."""
-    from lampo.losses import entropy_from_logits
-
     return torch.nn.functional.pad(entropy_from_logits(logits[:, :-1].float()), (1, 0))
 
 
@@ -113,8 +112,6 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
     """This micro-batch's share of the policy objective, from aligned per-token ``logprobs`` / ``entropy`` (b, T)
     however the backend computed them (full or vocabulary-parallel logits); global normalisers make the shares add up
     exactly. Entropy is only differentiated when ``entropy_coef`` uses it. Metrics describe the micro-batch alone."""
-    from lampo.losses import policy_objective
-
     if entropy is not None and algo.entropy_coef == 0:
         entropy = entropy.detach()
     loss, metrics = policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
@@ -174,8 +171,6 @@ def load_checkpoint_file(path: str | Path, map_location: Any = None) -> Any:
     (dicts, lists, tuples, numbers, strings) only. Our backends write nothing else, so a file that needs any other
     Python object to unpickle - which could run code while loading - was not written by them: it is refused with a
     :class:`~pipeline.checks.PipelineError` naming the file and the object, and nothing in it is executed."""
-    from pipeline.checks import PipelineError
-
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -12,10 +12,10 @@ One ``sft_step``/``rl_step`` is one optimizer step on the GLOBAL batch it is giv
 * the accumulation boundary is set by hand on the last micro-batch, so a batch of any size is one optimizer step;
   ``gradient_accumulation_steps`` in the DeepSpeed config is updated to the real count every step for its bookkeeping.
 
-Optimizer and schedule: AdamW (``backend.adam_*`` betas and eps, decoupled weight decay) built by DeepSpeed from its config:
-``torch.optim.AdamW`` normally, DeepSpeed's CPU Adam in AdamW mode when ``backend.offload_optimizer`` is on (that op is
-compiled on first use). The LR follows :func:`~pipeline.backends.common.warmup_cosine` through a ``LambdaLR`` that
-DeepSpeed steps at each optimizer step; gradient clipping is DeepSpeed's ``gradient_clipping``.
+Optimizer and schedule: AdamW (``backend.adam_*`` betas and eps, decoupled weight decay) built by DeepSpeed from its
+config: ``torch.optim.AdamW`` normally, DeepSpeed's CPU Adam in AdamW mode when ``backend.offload_optimizer`` is on
+(that op is compiled on first use). The LR follows :func:`~pipeline.backends.common.warmup_cosine` through a
+``LambdaLR`` that DeepSpeed steps at each optimizer step; gradient clipping is DeepSpeed's ``gradient_clipping``.
 
 Devices: on CUDA, NCCL and one GPU per local rank; bf16 (``backend.bf16``) is used only there, with DeepSpeed keeping
 fp32 master weights. Without CUDA we set ``DS_ACCELERATOR=cpu`` before DeepSpeed first looks for an accelerator (an
@@ -51,9 +51,19 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, hf_logits, init_process_group, inner_optimizer,
-                                      load_checkpoint_file, lr_schedule, move_optimizer_state, rng_state,
-                                      set_rng_state, token_logprobs_from_logits)
+from pipeline.backends.common import (
+    adamw_options,
+    hf_logits,
+    init_process_group,
+    inner_optimizer,
+    load_checkpoint_file,
+    lr_schedule,
+    move_optimizer_state,
+    rng_state,
+    set_rng_state,
+    token_logprobs_from_logits,
+)
+from pipeline.config import ConfigError
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
@@ -121,8 +131,6 @@ class DeepSpeedBackend(TrainingBackend):
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        from pipeline.config import ConfigError
-
         b = cfg.backend
         if b.tensor_parallel != 1 or b.pipeline_parallel != 1:
             raise ConfigError(f"backend.tensor_parallel={b.tensor_parallel}, pipeline_parallel={b.pipeline_parallel}: "

@@ -18,8 +18,15 @@ from torch import Tensor
 from lampo.record import TokenBatch
 from pipeline import dist
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, hf_logits, load_checkpoint_file, lr_schedule, rng_state,
-                                      set_rng_state, token_logprobs_from_logits)
+from pipeline.backends.common import (
+    adamw_options,
+    hf_logits,
+    load_checkpoint_file,
+    lr_schedule,
+    rng_state,
+    set_rng_state,
+    token_logprobs_from_logits,
+)
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:

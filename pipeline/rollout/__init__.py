@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+from evaluation.engine import Generation, RolloutEngine, SamplingParams
 from lampo.registry import Registry
-from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
 
 ENGINES: Registry[str] = Registry("rollout engine")
 ENGINES.register("hf")("pipeline.rollout.hf_engine:HFEngine")

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from evaluation.engine import SamplingParams
 from pipeline import dist
-from pipeline.rollout.base import SamplingParams
 
 
 @dataclass(frozen=True)

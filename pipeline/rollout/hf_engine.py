@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from evaluation.engine import Generation, RolloutEngine, SamplingParams
 from pipeline.models import load_hf_model
-from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
     from pipeline.config import Config

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
+from evaluation.engine import Generation, RolloutEngine, SamplingParams
 from pipeline.rollout.groups import RolloutGroups
 
 if TYPE_CHECKING:

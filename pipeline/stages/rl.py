@@ -39,7 +39,8 @@ from pipeline.rollout.groups import RolloutGroups, all_gather, shard_params
 from pipeline.stages.sft import batch_indices
 
 
-def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int, shard: range | None = None) -> RolloutBatch:
+def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int,
+             shard: range | None = None) -> RolloutBatch:
     """Sample ``rollout.n_samples`` responses for ``rows[shard]`` (default: all rows); groups are numbered by the
     row's index in ``rows``, so the shards of one iteration fit together."""
     r = ctx.cfg.rollout

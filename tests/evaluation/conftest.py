@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torch import Tensor
 
-from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
+from evaluation.engine import Generation, RolloutEngine, SamplingParams
 
 SHARED_DATA = Path(os.environ.get("LAMPO_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "../shared/data")).resolve()

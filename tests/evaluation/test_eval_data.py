@@ -215,7 +215,7 @@ def test_gsm8k_hub_layout_answer_is_the_number_after_hashes(tmp_path: Path) -> N
 
 
 def test_tiny_benchmark_is_the_heldout_split_with_raw_text() -> None:
-    from pipeline.tiny.task import make_split, split_of, expression_of
+    from evaluation.tiny_task import expression_of, make_split, split_of
 
     lb = load_benchmark("tiny", limit=12)
     rows = make_split("heldout", 12)

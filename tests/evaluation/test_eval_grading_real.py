@@ -19,10 +19,10 @@ import pytest
 from torch import Tensor
 
 from evaluation.benchmarks import load_benchmark
+from evaluation.engine import Generation, RolloutEngine, SamplingParams
 from evaluation.grading import GRADERS
 from evaluation.prompts import encode_prompt
 from evaluation.run import evaluate
-from pipeline.rollout.base import Generation, RolloutEngine, SamplingParams
 
 from .conftest import REAL_FILES
 

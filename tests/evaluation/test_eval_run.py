@@ -12,7 +12,7 @@ import pytest
 from evaluation.grading import GRADERS
 from evaluation.report import log_to_tensorboard, scalars
 from evaluation.run import ResumeMismatch, evaluate
-from pipeline.tiny.task import expression_of
+from evaluation.tiny_task import expression_of
 
 from .conftest import ScriptedEngine
 

@@ -71,3 +71,23 @@ def test_cli_reports_bad_input_clearly(tiny_ckpt: Path, tmp_path: Path, capsys) 
     assert f"{missing}' does not exist" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "no_model"), "--benchmarks", "tiny", "--out", str(tmp_path)]) == 2
     assert "no_model" in capsys.readouterr().err
+    # the pipeline config given for engine settings is checked like the runner checks it (names included)
+    assert main(["--model", str(tiny_ckpt), "--benchmarks", "tiny", "--out", str(tmp_path), "model.dtype=int8"]) == 2
+    assert "model.dtype='int8' is not one of" in capsys.readouterr().err
+    assert main(["--model", str(tiny_ckpt), "--benchmarks", "tiny", "--out", str(tmp_path),
+                 "backend.name=jax"]) == 2
+    assert "error: backend.name='jax' is not one of 'deepspeed', 'megatron', 'torch'" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_evaluate_stages_except_where_documented() -> None:
+    """``python -m evaluation`` takes its defaults from the config classes the evaluate stage reads; the documented
+    differences (evaluation/__main__.py) keep the values the command always had."""
+    from evaluation.__main__ import parse_args
+    from pipeline.config import EvalConfig, RewardConfig, RolloutConfig
+
+    args = parse_args(["--model", "m", "--benchmarks", "tiny"])
+    e = EvalConfig()
+    assert (args.samples, args.temperature, args.top_p, args.limit, args.data_dir) == \
+        (e.samples, e.temperature, e.top_p, e.limit, e.data_dir)
+    assert args.engine == RolloutConfig().engine and args.timeout == RewardConfig().timeout_s
+    assert (args.max_new_tokens, args.seed, args.batch_size) == (1024, 0, 32)  # the intentional differences

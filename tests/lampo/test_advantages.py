@@ -11,7 +11,11 @@ from hypothesis import strategies as st
 
 import lampo.advantages as adv_mod
 from lampo.advantages import (
-    ADVANTAGE_ESTIMATORS, drop_uniform_groups, pairwise_weight_stats, sequence_scores, uniform_groups,
+    ADVANTAGE_ESTIMATORS,
+    drop_uniform_groups,
+    pairwise_weight_stats,
+    sequence_scores,
+    uniform_groups,
 )
 
 ESTIMATORS = sorted(ADVANTAGE_ESTIMATORS)

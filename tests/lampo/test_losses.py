@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lampo.losses import (
-    KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate, entropy_from_logits, kl_penalty, loss_normalizers,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    aggregate,
+    entropy_from_logits,
+    kl_penalty,
+    loss_normalizers,
     policy_objective,
 )
 

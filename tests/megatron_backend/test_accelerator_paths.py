@@ -137,8 +137,10 @@ def _grads(ckpt: str, bf16: bool) -> dict:
     cfg.backend.micro_batch_size, cfg.backend.grad_clip = 1, 1e9  # no clipping: compare raw gradients
     backend = MegatronBackend(cfg, ckpt, lr=1e-3, total_steps=10)
 
+    # the closures below run inside _forward_backward / _optimizer_step, before `del backend` (which pyflakes reads
+    # as leaving `backend` undefined in them: F821)
     def loss_fn(logits, mb):
-        lp, _ = backend._per_token(logits, mb, entropy=False)
+        lp, _ = backend._per_token(logits, mb, entropy=False)  # noqa: F821
         loss = -((lp * mb.response_mask).sum(-1) * mb.advantages.to(lp.dtype)).sum() / 64.0
         return loss, None
 
@@ -152,7 +154,7 @@ def _grads(ckpt: str, bf16: bool) -> dict:
         return real_all_reduce(t, *args, group=group, **kwargs)
 
     def step(*args, **kwargs):
-        out["grads"] = {n: m.grad.detach().float().clone() for n, m in backend.master.named()}
+        out["grads"] = {n: m.grad.detach().float().clone() for n, m in backend.master.named()}  # noqa: F821
         return real_step(*args, **kwargs)
 
     backend.optimizer.step = step

@@ -34,12 +34,16 @@ def test_good_layout_passes(monkeypatch, tp, pp, world):
     MegatronBackend.validate_config(_cfg(tp, pp))
 
 
-def test_load_config_runs_the_backend_check(monkeypatch):
+def test_validate_names_runs_the_backend_check(monkeypatch):
+    """The backend's own layout check runs with the registry checks (``pipeline.validate.validate_names``, which every
+    entry point calls after ``load_config``; the schema module imports no backend)."""
     from pipeline.config import load_config
+    from pipeline.validate import validate_names
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["backend=megatron", "pipeline_parallel=3", "backend.tensor_parallel=1"])
     with pytest.raises(ConfigError, match="pipeline_parallel=3"):
-        load_config(None, ["backend=megatron", "pipeline_parallel=3", "backend.tensor_parallel=1"])
+        validate_names(cfg)
 
 
 def test_unmapped_model_family_is_refused_at_config_time(tmp_path, monkeypatch):

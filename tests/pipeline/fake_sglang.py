@@ -45,10 +45,10 @@ import os
 import pickle
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions with ForkingPickler
+import torch.multiprocessing  # registers torch's tensor reductions with ForkingPickler
 
 __version__ = "0.5.21"
 
@@ -67,7 +67,7 @@ class SchedulerDied(RuntimeError):
 
 
 class Engine:
-    instances: list[Engine] = []  # every engine created, for tests
+    instances: ClassVar[list[Engine]] = []  # every engine created, for tests
 
     def __init__(self, **kwargs: Any):
         from transformers import AutoModelForCausalLM
@@ -128,8 +128,9 @@ class Engine:
 
     @torch.no_grad()
     def _one(self, prompt: list[int], sp: dict[str, Any], return_logprob: bool, k: int) -> dict[str, Any]:
+        # a subset of sglang/srt/sampling/sampling_params.py
         known = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "skip_special_tokens",
-                 "sampling_seed", "min_p", "ignore_eos", "n", "min_new_tokens"}  # subset of sglang/srt/sampling/sampling_params.py
+                 "sampling_seed", "min_p", "ignore_eos", "n", "min_new_tokens"}
         if set(sp) - known:
             raise ValueError(f"unknown sampling params {sorted(set(sp) - known)}")
         max_new = sp.get("max_new_tokens", 128)

@@ -182,7 +182,7 @@ def test_pruning_never_removes_the_newest_good_checkpoint(tmp_path, monkeypatch)
     assert [p.name for p in ckpts.iterdir()] == ["step_000004"] and st.checkpoint == "sft/checkpoints/step_000004"
 
 
-# --- free disk space ---------------------------------------------------------------------------------------------------
+# --- free disk space --------------------------------------------------------------------------------------------------
 def run_in_process(run_dir: Path, *extra: str) -> int:
     from pipeline.runner import main
     from tests.pipeline.test_runner import SMALL
@@ -238,7 +238,7 @@ def test_later_checkpoint_refused_by_the_size_of_the_previous_one_then_resumes(r
     assert_same_weights(weights(tmp_path / "run" / "sft" / "final"), weights(reference / "sft" / "final"))
 
 
-# --- safe loading ------------------------------------------------------------------------------------------------------
+# --- safe loading -----------------------------------------------------------------------------------------------------
 class RunsCode:
     """Unpickling this runs code (here: writes a marker file), as a malicious checkpoint would."""
 

@@ -13,13 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.plan import (GIB, MODEL_CONFIGS, RESERVE_GIB, Cluster, Shape, count_parameters, load_for_plan, make_plan,
-                           plan_config, read_model_config, shipped_config_dir)
+from pipeline.plan import (
+    GIB,
+    MODEL_CONFIGS,
+    RESERVE_GIB,
+    Cluster,
+    Shape,
+    count_parameters,
+    load_for_plan,
+    make_plan,
+    plan_config,
+    read_model_config,
+    shipped_config_dir,
+)
 from pipeline.runner import main
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = Cluster(nodes=1, gpus_per_node=8, gpu_memory_gib=80)
-SHIPPED = ["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B",
+SHIPPED = ["Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B",
            "microsoft/Phi-4-mini-instruct"]
 LAUNCHERS = {  # training script -> its config
     "run_lampo_7b.sh": "configs/lampo_7b.yaml",
@@ -205,6 +216,11 @@ def test_tp3_on_qwen25_7b_is_refused_naming_heads(capsys):
     assert len(err.splitlines()) == 1
     assert "tensor_parallel=3 does not divide 28 attention heads" in err
     assert "does not divide 4 key/value heads" in err
+
+
+def test_bad_names_are_refused_by_the_plan(capsys):
+    assert main(["plan", "configs/qwen3_4b.yaml", "rollout.engine=vllm"]) == 2
+    assert capsys.readouterr().err.strip() == "error: rollout.engine='vllm' is not one of 'hf', 'sglang'"
 
 
 def test_pp_that_does_not_divide_layers_is_refused(capsys):

@@ -18,8 +18,18 @@ from lampo.record import TokenBatch
 from pipeline.rollout.groups import RolloutGroups
 from pipeline.stages import rl
 from tests.pipeline.rl_fakes import (
-    EOS, PAD, CharTokenizer, RecordingBackend, RecordingReward, ScriptedEngine, encode, engine_logprob, make_ctx,
-    policy_logprobs, reference_logprobs, row_key,
+    EOS,
+    PAD,
+    CharTokenizer,
+    RecordingBackend,
+    RecordingReward,
+    ScriptedEngine,
+    encode,
+    engine_logprob,
+    make_ctx,
+    policy_logprobs,
+    reference_logprobs,
+    row_key,
 )
 
 ROWS = [

@@ -148,6 +148,19 @@ def test_bad_input_is_one_clear_line(tmp_path, extra, fragment):
     assert err and fragment in err[0], res.stderr[-2000:]
 
 
+def test_the_runner_checks_names_before_anything_else(monkeypatch):
+    """The registry checks left the schema (``load_config`` accepts any string for a name): the runner applies
+    ``pipeline.validate.validate_names`` right after loading, before the process group and any stage."""
+    from pipeline import runner
+    from pipeline.config import ConfigError
+
+    started = []
+    monkeypatch.setattr(runner.dist, "init", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match=r"^rl.algorithm.policy_loss='ppo' is not one of 'gspo', 'ppo_clip'$"):
+        runner.run(None, ["rl.algorithm.policy_loss=ppo"])
+    assert started == []
+
+
 def test_malformed_data_row_names_file_and_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "What is 1+1?", "answer": "2", "solution": "1+1=2\\n\\\\boxed{2}"}\n{oops\n')

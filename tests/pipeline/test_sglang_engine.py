@@ -13,7 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -54,7 +54,7 @@ class FakeEngine:
         self.calls.append(("generate", dict(input_ids=input_ids, sampling_params=sampling_params,
                                             return_logprob=return_logprob)))
         outs = []
-        for k, (p, sp) in enumerate(zip(input_ids, sampling_params)):
+        for k, (p, _sp) in enumerate(zip(input_ids, sampling_params)):
             ids = [10 + p[-1], 20 + k] + ([EOS] if k % 2 == 0 else [30])
             reason = {"type": "stop", "matched": EOS} if ids[-1] == EOS else {"type": "length", "length": 3}
             outs.append(sglang_output(ids, reason, [-0.5 * (j + 1) for j in range(len(ids))]))
@@ -252,9 +252,9 @@ def test_engine_started_with_the_pinned_keywords(monkeypatch, tmp_path):
 class StandIn(BaseHTTPRequestHandler):
     """Answers like ``sglang.launch_server`` for the routes the engine uses; records what it was sent."""
 
-    seen: list[tuple[str, Any]] = []
+    seen: ClassVar[list[tuple[str, Any]]] = []
 
-    def do_POST(self):  # noqa: N802 - http.server's naming
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
         StandIn.seen.append((self.path, body))
         if self.path == "/generate":

@@ -10,10 +10,9 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_dir(target) as d:
         (d / "w").write_text("v1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as d:
-            (d / "w").write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(target) as d:
+        (d / "w").write_text("half")
+        raise RuntimeError("killed")
     assert (target / "w").read_text() == "v1"
     RunDir(tmp_path).clean_partial()
     assert not (tmp_path / "ckpt.tmp").exists()

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evaluation.tiny_task import expression_of, split_of
 from pipeline.config import TinyModelConfig
 from pipeline.tiny import build_tiny_model, build_tokenizer, create_tiny_checkpoint, make_split
-from pipeline.tiny.task import expression_of, split_of
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 
@@ -122,6 +122,28 @@ def test_the_tiny5_benchmark_and_data_tiny_ops_read_the_same_variant():
     assert rows == make_split("train", 20, seed=1234, ops=5)
     with pytest.raises(ConfigError, match="data.tiny_ops=9"):
         load_config(None, ["data.tiny_ops=9"])
+
+
+def test_the_tiny_benchmark_holds_as_many_problems_as_the_heldout_default():
+    """The task module (evaluation side) and the config schema (a leaf that imports no project module) each state the
+    held-out default; they must agree, and the ``tiny`` benchmark without a limit holds that many problems."""
+    from evaluation.benchmarks import load_benchmark
+    from evaluation.tiny_task import TINY_HELDOUT_DEFAULT
+    from pipeline.config import DataConfig
+
+    assert DataConfig().tiny_heldout_size == TINY_HELDOUT_DEFAULT == 200
+    lb = load_benchmark("tiny")
+    assert [p.text for p in lb.problems] == [r["problem"] for r in make_split("heldout", TINY_HELDOUT_DEFAULT)]
+
+
+def test_pipeline_tiny_task_reexports_the_evaluation_task():
+    import evaluation.tiny_task as task
+    import pipeline.tiny.task as reexport
+
+    assert set(reexport.__all__) <= set(vars(task))
+    assert all(getattr(reexport, name) is getattr(task, name) for name in reexport.__all__)
+    assert make_split is task.make_split
+
 
 @pytest.mark.parametrize("split", ["test", "validation", "", "Train"])
 def test_unknown_split_is_refused_with_the_choices(split):

@@ -80,7 +80,8 @@ def test_tp_3_is_refused_for_28_heads_and_4_kv_heads(monkeypatch):
 
 def test_a_hub_id_is_checked_too(monkeypatch):
     """A hub id's config.json is read through AutoConfig (here redirected to the shipped copy): TP=7 divides its
-    28 heads but not its 4 KV heads, and is refused. (The megatron backend's own config check cannot see a hub model's shape.)"""
+    28 heads but not its 4 KV heads, and is refused. (The megatron backend's own config check cannot see a hub model's
+    shape.)"""
     import transformers
 
     real = transformers.AutoConfig.from_pretrained

@@ -37,16 +37,29 @@ from torch import Tensor
 
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
-from pipeline.backends.common import (adamw_options, inner_optimizer, load_checkpoint_file, lr_schedule,
-                                      move_optimizer_state, rng_state, set_rng_state)
+from pipeline.backends.common import (
+    adamw_options,
+    inner_optimizer,
+    load_checkpoint_file,
+    lr_schedule,
+    move_optimizer_state,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.backends.megatron_backend import weights
 from pipeline.backends.megatron_backend.logprobs import aligned, vocab_parallel_entropy, vocab_parallel_logprobs
 from pipeline.backends.megatron_backend.model import FAMILIES, Arch, Precision, arch_from_hf, build_model
 from pipeline.backends.megatron_backend.optim import MasterWeights
-from pipeline.backends.megatron_backend.parallel import (Layout, check_layout, init_parallel, layout_for_world,
-                                                 world_size_from_env)
+from pipeline.backends.megatron_backend.parallel import (
+    Layout,
+    check_layout,
+    init_parallel,
+    layout_for_world,
+    world_size_from_env,
+)
 from pipeline.backends.megatron_backend.reshard import reshard, shard_file
 from pipeline.backends.megatron_backend.schedule import broadcast_from_last_stage, run_schedule
+from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -124,8 +137,6 @@ class MegatronBackend(TrainingBackend):
             check_layout(Layout(b.tensor_parallel, b.pipeline_parallel), num_heads=heads, num_kv_heads=kv_heads,
                          num_layers=layers, world_size=world_size_from_env())
         except ValueError as e:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"backend: {e}") from None
 
     # --- batches -> this rank's micro-batches -------------------------------------------------------------------------
@@ -325,8 +336,6 @@ def _model_shape(cfg: Config) -> tuple[int, int, int] | None:
         return None
     c = json.loads(config_json.read_text())
     if c.get("model_type") not in FAMILIES:
-        from pipeline.config import ConfigError
-
         raise ConfigError(f"model.path={cfg.model.path!r} is a {c.get('model_type')!r} model; backend=megatron maps "
                           f"{', '.join(sorted(FAMILIES))} - use backend=torch or backend=deepspeed for it")
     heads = c["num_attention_heads"]

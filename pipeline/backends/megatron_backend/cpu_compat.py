@@ -16,7 +16,8 @@ generator (so the RNG tracker's named streams are CPU generator states), and who
 The RNG tracker's two state accessors are pointed at the CPU generator.
 
 The default core attention (which forks the CUDA RNG tracker and uses a global CUDA buffer) is not patched; the model
-uses :class:`pipeline.backends.megatron_backend.attention.SDPAttention` through megatron-core's layer-spec mechanism instead.
+uses :class:`pipeline.backends.megatron_backend.attention.SDPAttention` through megatron-core's layer-spec mechanism
+instead.
 
 Pinned: :data:`SUPPORTED` is the tested version range. On another version, or when a patched module or symbol is no
 longer there (or no longer mentions CUDA, meaning the list is stale), :func:`enable` raises instead of guessing.

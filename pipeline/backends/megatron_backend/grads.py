@@ -63,9 +63,7 @@ def _counted(name: str, p: Tensor, tp_rank: int, first_stage: bool, tied_across_
         # initialisers, which are skipped because weights come from a checkpoint. Every other parameter of the
         # mapped model (embedding, QKV weight and bias, projections, output layer) is split across TP ranks.
         return False
-    if tied_across_stages and name == TIED_COPY and not first_stage:
-        return False  # the embedding is counted on the first stage
-    return True
+    return not (tied_across_stages and name == TIED_COPY and not first_stage)  # the embedding: on the first stage
 
 
 def clip_grad_norm(named_params: list[tuple[str, Tensor]], max_norm: float, *, tied_across_stages: bool) -> Tensor:

@@ -114,7 +114,8 @@ class RMSNorm(torch.nn.RMSNorm):
 @dataclass(frozen=True)
 class Precision:
     """Numerics options that change how the model is built: the parameter (and pipeline activation) dtype, e.g.
-    ``torch.bfloat16`` with fp32 master weights kept by :class:`~pipeline.backends.megatron_backend.optim.MasterWeights`."""
+    ``torch.bfloat16`` with fp32 master weights kept by
+    :class:`~pipeline.backends.megatron_backend.optim.MasterWeights`."""
 
     params_dtype: torch.dtype = torch.float32
     recompute_activations: bool = False

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from pipeline.backends.common import init_process_group
+from pipeline.dist import collective_timeout_minutes  # run.collective_timeout_min
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ def init_parallel(layout: Layout, *, seed: int, use_cuda: bool) -> None:
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-
-    from pipeline.dist import collective_timeout_minutes  # run.collective_timeout_min
 
     if not use_cuda:
         from pipeline.backends.megatron_backend import cpu_compat

@@ -36,7 +36,7 @@ def run_schedule(model: torch.nn.Module, micro_batches: list[TokenBatch], loss_f
 
     def forward_step(data_iterator, model_chunk):
         mb: TokenBatch = next(data_iterator)
-        b, t = mb.input_ids.shape
+        _, t = mb.input_ids.shape
         ids = F.pad(mb.input_ids, (0, -t % multiple))  # (b, T') with T' a multiple of `multiple`
         position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # right padding: 0..T'-1
         output = model_chunk(ids, position_ids, None)  # last stage: (b, T', Vp/tp); else hidden states
