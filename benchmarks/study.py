@@ -77,6 +77,10 @@ ARMS: dict[str, Arm] = {
     "gspo": Arm(("rl.algorithm.advantage=grpo", "rl.algorithm.policy_loss=gspo", "rl.algorithm.clip_low=0.0003",
                  "rl.algorithm.clip_high=0.0004"),
                 "GSPO: GRPO advantages, sequence-level ratio, the GSPO paper's clip range 3e-4 / 4e-4"),
+    # exploratory, added after the core result showed |s_i - s_j| ~ 0.05 with length-normalised scores, so that tau=1
+    # weights all stay within 0.49-0.51 (LamPO ~ RLOO): with summed scores the gaps are ~25x larger (docs/study.md)
+    "lampo_sum": Arm(("rl.algorithm.advantage=lampo", "rl.algorithm.length_normalized_score=false"),
+                     "LamPO with summed (not length-normalised) sequence scores: pair weights away from 1/2"),
     "lampo_tau0.25": Arm(("rl.algorithm.advantage=lampo", "rl.algorithm.lampo_temperature=0.25"),
                          "LamPO, confidence weights, tau=0.25"),
     "lampo_tau4": Arm(("rl.algorithm.advantage=lampo", "rl.algorithm.lampo_temperature=4.0"),
@@ -126,8 +130,8 @@ def parse_arms(spec: str, extra: list[str]) -> dict[str, Arm]:
     if unknown:
         raise StudyError(f"unknown arm(s) {', '.join(unknown)}; built-in arms: {', '.join(ARMS)}; sets: "
                          f"{', '.join(ARM_SETS)}; or define one with --arm NAME=key=value,...")
-    out = {n: ARMS[n] for n in dict.fromkeys(names) if n in ARMS}
-    out.update(arms)
+    out = {n: ARMS.get(n) or arms[n] for n in dict.fromkeys(names)}  # in the order given
+    out.update((n, a) for n, a in arms.items() if n not in out)  # custom arms not named in --arms come last
     return out
 
 
