@@ -104,11 +104,20 @@ def _metric(res: dict[str, Any] | None, bench: str, key: str) -> float | None:
     return m.get(key)
 
 
-def collect(study_dir: Path) -> dict[str, Any]:
-    """Everything the report shows, as plain data (also written to ``results.json``)."""
+def collect(study_dir: Path, arms: list[str] | None = None) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also written to ``results.json``); ``arms``: only these (and the
+    reference arm, which the paired differences need), in this order."""
     from evaluation.benchmarks import load_benchmark
 
     design = json.loads((study_dir / "study.json").read_text())
+    if arms:
+        unknown = [a for a in arms if a not in design["arms"]]
+        if unknown:
+            raise ValueError(f"arm(s) {', '.join(unknown)} are not in {study_dir / 'study.json'}; it has "
+                             f"{', '.join(design['arms'])}")
+        ref = design.get("reference_arm", "grpo")
+        keep = arms + ([ref] if ref in design["arms"] and ref not in arms else [])
+        design = {**design, "arms": {a: design["arms"][a] for a in keep}}
     ev = design["evaluation"]
     bench = ev["benchmarks"][0]
     curve_ids = {p.id for p in load_benchmark(bench, data_dir=ev.get("data_dir"), limit=ev["curve_limit"]).problems}
@@ -395,19 +404,38 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def write_report(study_dir: str | Path) -> Path:
+def write_report(study_dir: str | Path, arms: list[str] | None = None, out: str | Path | None = None) -> Path:
+    """``report.md``, ``results.json`` and ``plots/`` of ``study_dir`` (default: into it; ``out``: another folder,
+    e.g. for a subset of ``arms``)."""
     study_dir = Path(study_dir)
-    data = collect(study_dir)
-    plots = plot(data, study_dir / "plots")
-    tmp = study_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    tmp.replace(study_dir / "results.json")
-    report = study_dir / "report.md"
-    tmp = study_dir / "report.md.tmp"
-    tmp.write_text(render(data, plots))
-    tmp.replace(report)
-    return report
+    out = Path(out) if out is not None else study_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(study_dir, arms)
+    plots = plot(data, out / "plots")
+    for name, text in (("results.json", json.dumps(data, indent=1, default=float) + "\n"),
+                       ("report.md", render(data, plots))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("study_dir", help="a study folder (holds study.json)")
+    p.add_argument("--arms", default=None, help="only these arms, comma-separated (the reference arm is kept)")
+    p.add_argument("--out", default=None, help="write report.md, results.json and plots/ here instead")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    try:
+        print(write_report(args.study_dir, arms, args.out))
+    except ValueError as e:
+        print(f"study_report: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    print(write_report(sys.argv[1]))
+    sys.exit(main())

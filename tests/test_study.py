@@ -212,6 +212,11 @@ def test_a_two_arm_two_seed_study_survives_a_kill_and_reports(tmp_path):
     assert "| lampo | 2 |" in report and "| sft_control | 2 |" in report and "- lampo " in report
     for png in ("final_accuracy", "learning_curves", "stability", "pairwise"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a report on a subset of the arms, elsewhere; an arm the study does not hold is refused
+    assert study_report.main([str(out), "--arms", "sft_control", "--out", str(tmp_path / "sub")]) == 0
+    sub = json.loads((tmp_path / "sub" / "results.json").read_text())
+    assert list(sub["runs"]) == ["sft_control"] and (tmp_path / "sub" / "plots" / "final_accuracy.png").is_file()
+    assert study_report.main([str(out), "--arms", "grpo", "--out", str(tmp_path / "none")]) == 2
     # a second study on the same folder at the same time is refused
     with open(out / ".lock", "w") as fh:
         import fcntl
