@@ -1,3 +1,5 @@
 """LamPO: the algorithm library (advantage estimators, policy losses, rewards, the rollout record).
 
-Pure functions over tensors, each kind in one registry; no I/O, no global state, no backend code."""
+Functions over tensors, each kind in one registry, no backend code. Two parts are not pure: ``lampo.record`` reads and
+writes rollout files (JSON Lines), and the math reward checks answers in one worker process per Python process, started
+on first use and restarted after a timeout (``lampo.rewards.math_answer``)."""

@@ -252,7 +252,7 @@ def _pair_blocks(r: Tensor, inv: Tensor, counts: Tensor) -> Iterator[tuple[Tenso
 @_estimator("lampo", scale_default=False)
 def lampo(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor | None, tau: float, pair_weight: str) -> Tensor:
     """LamPO's pairwise decomposed advantage (arXiv 2605.21235). The default, ``pair_weight="confidence"``, is the
-    project's adopted form, the one ARCHITECTURE.md pins down:
+    project's adopted form (the README's "What LamPO changes in GRPO" states it too):
 
         w_ij = sigmoid(-sign(r_i - r_j) * (s_i - s_j) / tau),    A_i = 2/(G-1) * sum_{j != i} (r_i - r_j) * w_ij
 
@@ -323,7 +323,7 @@ def _lampo_preference(r: Tensor, inv: Tensor, counts: Tensor, s: Tensor, tau: fl
 
 def sequence_scores(logprobs: Tensor, response_mask: Tensor, length_normalized: bool = True) -> Tensor:
     """The sequence score s_i (B,) from per-token behaviour log-probs ``logprobs`` (B, T) over ``response_mask``
-    (B, T): the mean over response tokens (``length_normalized=True``, the default of ARCHITECTURE.md) or the sum
+    (B, T): the mean over response tokens (``length_normalized=True``, the project's default) or the sum
     (the sequence's total log-prob). A response with no tokens scores 0. Values outside the mask are ignored."""
     if not isinstance(logprobs, Tensor) or not isinstance(response_mask, Tensor):
         raise TypeError("logprobs and response_mask must be torch.Tensors")

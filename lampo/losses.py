@@ -92,7 +92,7 @@ def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, respons
     ``logprobs`` (B, T) with grad, ``old_logprobs`` (B, T), ``advantages`` (B,), ``response_mask`` (B, T).
     Returns ``per_token_loss`` (B, T) (0 outside the mask) and per-token metric tensors (B, T): ``ratio``,
     ``approx_kl``, ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``. LamPO uses exactly this token-level
-    objective with its sequence advantage broadcast to every response token (ARCHITECTURE.md).
+    objective with its sequence advantage broadcast to every response token (the project's formulation).
     """
     _check_clip(clip_low, clip_high, dual_clip)
     log_ratio = _token_log_ratio(logprobs, old_logprobs, response_mask)  # (B, T)

@@ -1,5 +1,6 @@
 """Tests for lampo.advantages: the generic contract over every registered estimator, LamPO's properties from
-ARCHITECTURE.md against a plain double-loop reference, and DAPO's uniform-group filter."""
+the project's formulation (README, "What LamPO changes in GRPO") against a plain double-loop reference, and DAPO's
+uniform-group filter."""
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ def random_batch(seed: int, n_groups: int = 6, max_size: int = 9, levels: int | 
 
 
 def lampo_reference(r, g, s, tau):
-    """ARCHITECTURE.md's formula written as a plain double loop, one row at a time."""
+    """The formula A_i = 2/(G-1) sum_j (r_i - r_j) w_ij written as a plain double loop, one row at a time."""
     out = []
     for i in range(len(r)):
         members = [j for j in range(len(r)) if g[j] == g[i]]
