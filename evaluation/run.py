@@ -16,6 +16,9 @@ generation setting (samples, temperature, top_p, max_new_tokens, seed, prompt st
 existing folder is refused rather than mixing responses; ``limit`` may change (problems already done are reused, and
 ``responses.jsonl`` then holds the problems of the latest call).
 
+Stopping between batches: ``after_batch`` (if given) is called after each batch is written; an exception it raises
+stops the evaluation there, and a later call resumes after that batch (the pipeline stops this way on SIGTERM).
+
 Sharding over several engines: problems are cut into fixed batches of ``batch_size`` (batch b holds problems
 ``b*batch_size ...``); the call with ``shard=(i, count)`` generates batches b with ``b % count == i`` into its own
 ``responses.partial.<i>.jsonl`` and returns None; a call without ``shard`` afterwards finds every problem on disk
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,7 @@ def evaluate(
     prompt_style: str = "auto",
     model_id: str | None = None,
     shard: tuple[int, int] | None = None,
+    after_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate ``engine`` on each benchmark (``NAME`` or ``NAME=SOURCE``, see :mod:`evaluation.benchmarks`).
 
@@ -76,6 +81,7 @@ def evaluate(
     call (``batch_size * samples`` sequences) and are written before the next call. ``model_id`` (e.g. the checkpoint
     path) is recorded and checked on resume. All benchmarks are loaded before anything is generated, so a missing
     file fails fast. ``shard=(i, count)``: generate only this engine's share and return None (module docstring).
+    ``after_batch``: called after each batch is written; it may raise to stop (module docstring).
     Returns the ``results.json`` content: ``{"settings": ..., "benchmarks": {name: {"metrics": {...},
     "breakdown": ..., "length": ..., "skipped_rows": [...], ...}}}``.
     """
@@ -102,7 +108,7 @@ def evaluate(
     results: dict[str, Any] = {"settings": {**settings, "limit": limit, "timeout_s": timeout_s}, "benchmarks": {}}
     for lb in loaded:
         records = run_benchmark(engine, tokenizer, lb, settings, out / lb.benchmark.name, batch_size=batch_size,
-                                timeout_s=timeout_s, progress=progress, shard=shard)
+                                timeout_s=timeout_s, progress=progress, shard=shard, after_batch=after_batch)
         if records is not None:
             results["benchmarks"][lb.benchmark.name] = summarize(lb, records, samples, timeout_s)
     if shard is not None:
@@ -118,7 +124,8 @@ def evaluate(
 
 def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, settings: dict[str, Any], folder: Path,
                   *, batch_size: int, timeout_s: float, progress: bool,
-                  shard: tuple[int, int] | None = None) -> list[list[dict[str, Any]]] | None:
+                  shard: tuple[int, int] | None = None,
+                  after_batch: Callable[[], None] | None = None) -> list[list[dict[str, Any]]] | None:
     """Generate and grade every problem (of this shard) not already on disk; returns ``records[p][s]`` in problem
     order, or None for a shard."""
     b, k = lb.benchmark, settings["samples"]
@@ -165,6 +172,8 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
+            if after_batch is not None:
+                after_batch()
     bar.close()
     if shard is not None:
         return None

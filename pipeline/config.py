@@ -203,6 +203,14 @@ class RunConfig:
     # Training checkpoints (<stage>/checkpoints/step_N) kept per stage: older ones are removed once a newer one is
     # written and verified against its manifest, so the newest good checkpoint is never removed; at least 1.
     keep_last_checkpoints: int = 2
+    # After SIGTERM, SIGINT or SIGUSR1 the run stops at its next safe point (after an SFT step, after an RL iteration's
+    # update, between evaluation batches) with a checkpoint, and exits with status 75 (pipeline/preempt.py); when no
+    # safe point is reached within this many seconds, it exits at once without writing one (the previous checkpoint
+    # stays the resume point). Keep it below the scheduler's notice (Slurm's KillWait, a pod's grace period).
+    preempt_grace_s: float = 60.0
+    # An optimizer step whose loss or gradient is NaN or infinite is skipped (no update) and counted; this many in a
+    # row stop the run, naming the step and the checkpoint to resume from (pipeline/backends/base.py).
+    max_nonfinite_in_a_row: int = 3
 
 
 @dataclass
@@ -385,11 +393,13 @@ def validate(cfg: Config) -> Config:
                  "rollout.n_samples", "rollout.max_new_tokens", "rollout.batch_size", "backend.micro_batch_size",
                  "backend.tensor_parallel", "backend.pipeline_parallel", "eval.samples", "eval.max_new_tokens",
                  "rl.algorithm.ppo_epochs", "sft.max_seq_len", "data.max_prompt_tokens", "run.collective_timeout_min",
-                 "rollout.tensor_parallel", "run.keep_last_checkpoints"):
+                 "rollout.tensor_parallel", "run.keep_last_checkpoints", "run.max_nonfinite_in_a_row"):
         v = get_path(cfg, path)
         _check(v >= 1, f"{path}={v} must be at least 1")
     _check(1 <= cfg.data.tiny_ops <= 8, f"data.tiny_ops={cfg.data.tiny_ops} must be from 1 to 8 (operations per tiny "
                                         "problem; 3 is the default task)")
+    _check(cfg.run.preempt_grace_s > 0, f"run.preempt_grace_s={cfg.run.preempt_grace_s} must be positive (seconds from "
+                                        "a SIGTERM to the checkpoint and exit)")
     for path in ("sft.lr", "rl.lr"):
         v = get_path(cfg, path)
         _check(v > 0, f"{path}={v} must be positive")

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
+from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend
+from pipeline.backends.base import NonFiniteSteps
 from pipeline.checks import PipelineError
 from pipeline.config import Config
 from pipeline.faults import fault_point
@@ -110,6 +112,48 @@ class Context:
         st.status = "running"
         if dist.is_main():
             self.rd.save_state(st)
+
+    def preemption_point(self, backend: TrainingBackend, st: StageState, step: int, unit: str) -> None:
+        """A safe point of a training stage, every rank, once ``step`` steps (``unit``: step, iteration) are complete
+        and before the next one starts. Returns at once unless a stop was requested on some rank
+        (:func:`pipeline.preempt.agreed`: one small collective, none in one process); then writes a checkpoint at
+        ``step`` (unless the stage has just written it), records the preemption in the stage state and raises
+        :class:`~pipeline.preempt.Preempted`."""
+        if not preempt.agreed():
+            return
+        if not (st.checkpoint and checkpoint_step(st.checkpoint) == step):
+            self.save_checkpoint(backend, st, step)
+        where = f"at {unit} {step}"
+        self.record_preemption(st, where)
+        raise preempt.Preempted(st.name, where, st.checkpoint)
+
+    def record_preemption(self, st: StageState, where: str) -> None:
+        """Mark the stage preempted in its state file (main rank): the signal, where, when."""
+        st.status = "preempted"
+        st.extra["preempted"] = {"signal": preempt.signal_name(), "where": where,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if dist.is_main():
+            self.rd.save_state(st)
+
+    def note_skipped_step(self, backend: TrainingBackend, stage: str, m: dict[str, float], where: str) -> None:
+        """Log one line for an optimizer step that was skipped for a non-finite loss or gradient (``m``: its
+        metrics, ``skipped_updates`` 1); nothing for an applied one."""
+        if m.get("skipped_updates"):
+            self.log.print(f"[{stage}] {where}: non-finite loss or gradient (loss {m.get('loss')}, gradient norm "
+                           f"{m.get('grad_norm')}): update skipped ({backend.nonfinite_in_a_row} in a row; "
+                           f"run.max_nonfinite_in_a_row={self.cfg.run.max_nonfinite_in_a_row} stops the run)")
+
+    def nonfinite_stop(self, stage: str, e: NonFiniteSteps, where: str) -> NonFiniteSteps:
+        """The error that stops a stage after too many non-finite steps in a row (``e``, from the backend): where,
+        and the checkpoint to resume from (every checkpoint is good: a skipped step changes no weight)."""
+        st = self.rd.state(stage)
+        unit = {"rl": "iteration"}.get(stage, "step")
+        resume = (f"The last good checkpoint is {st.checkpoint} ({unit} {st.step}): the same command resumes from it"
+                  if st.checkpoint else f"There is no {stage} checkpoint yet: the same command starts the stage over "
+                  f"from {self.stage_input(stage)}")
+        return NonFiniteSteps(f"[{stage}] stopped at {where}: {e}. {resume}, and would likely meet the same steps "
+                              f"again: first lower {stage}.lr (a config change: add --force) or check the data, or "
+                              "raise run.max_nonfinite_in_a_row to skip more such steps in a row")
 
     def _newest_good_checkpoint(self, st: StageState) -> tuple[int, str] | None:
         """``(step, folder relative to the run folder)`` of the newest checkpoint at or before ``st.checkpoint`` that

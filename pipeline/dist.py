@@ -86,3 +86,14 @@ def all_gather(obj: Any) -> list[Any]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of any rank, on every rank: one all-reduce of a single integer (on the GPU under NCCL);
+    ``value`` itself in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

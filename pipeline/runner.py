@@ -4,6 +4,16 @@
 
 Running the same command again continues where a killed run stopped. A run folder started with a different config is
 refused with the difference shown, unless ``--force``.
+
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop the run at its next safe point (after an SFT step, after an RL iteration's
+update, between evaluation batches) with a checkpoint, within ``run.preempt_grace_s`` seconds, or at once without one
+when no safe point comes in time (:mod:`pipeline.preempt`); under torchrun every rank stops at the same step.
+
+Exit status: 0 when every stage is done; 2 for a config or run-folder error, or a stage stopped by
+``run.max_nonfinite_in_a_row`` non-finite optimizer steps in a row (one line on stderr); ``EXIT_PREEMPTED``
+(75, ``EX_TEMPFAIL``: try again later) when the run was preempted, with one line on stderr naming the stage and step
+and the checkpoint written. Under torchrun each rank exits with these statuses, and torchrun itself reports a rank
+that exited with 75 as failed (its own status is 1).
 """
 from __future__ import annotations
 
@@ -15,7 +25,7 @@ import uuid
 import torch
 import yaml
 
-from pipeline import dist
+from pipeline import dist, preempt
 from pipeline.checks import PipelineError
 from pipeline.config import Config, ConfigError, config_diff, load_config
 from pipeline.context import Context
@@ -25,10 +35,13 @@ from pipeline.stages import stage_fn
 from pipeline.state import RunDir, atomic_write_text
 from pipeline.validate import validate_cluster, validate_names
 
+# where a rank posts its stop request for the others (shared run folder; see pipeline.preempt)
+PREEMPT_MARKER = ".preempt_requested"
+
 # fields that may change between a run and its resumption without changing what it computes
 RUN_CONTROL = ("run.progress", "run.threads", "run.stages", "run.collective_timeout_min", "run.keep_last_checkpoints",
-               "eval.", "rl.eval_every", "rl.log_samples", "rl.checkpoint_every", "sft.checkpoint_every",
-               "sft.log_every")
+               "run.preempt_grace_s", "run.max_nonfinite_in_a_row", "eval.", "rl.eval_every", "rl.log_samples",
+               "rl.checkpoint_every", "sft.checkpoint_every", "sft.log_every")
 
 
 def with_defaults(saved: dict, defaults: dict) -> dict:
@@ -80,8 +93,20 @@ def check_shared_run_dir(rd: RunDir) -> None:
 
 
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
+    """Run (or resume) the stages of a config. Raises :class:`~pipeline.preempt.Preempted` when a signal stopped it
+    at a safe point (see the module docstring)."""
+    mine = preempt.install()  # False under ``python -m pipeline run``, which installs it before the imports
+    try:
+        return _run(config, overrides, from_stage, force)
+    finally:
+        if mine:
+            preempt.uninstall()
+
+
+def _run(config: str | None, overrides: list[str], from_stage: str | None, force: bool) -> Context:
     quiet_libraries()
     cfg = validate_names(load_config(config, overrides))  # names against the registries, the backend's layout rules
+    preempt.configure(grace_s=cfg.run.preempt_grace_s)
     dist.init(cfg.run.collective_timeout_min)  # every process group of the run gets this collective timeout
     validate_cluster(cfg)  # what needs the model's config.json: context, TP/PP vs heads and layers, GPU memory
     if cfg.run.threads > 0:
@@ -91,9 +116,12 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
         check_same_config(rd, cfg, force)
         rd.root.mkdir(parents=True, exist_ok=True)
         rd.clean_partial()
+        rd.path(PREEMPT_MARKER).unlink(missing_ok=True)  # a request of an earlier run
         atomic_write_text(rd.path("config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.barrier()
     check_shared_run_dir(rd)
+    if dist.world_size() > 1:
+        preempt.configure(marker=rd.path(PREEMPT_MARKER))
     stages = cfg.run.stages
     if from_stage is not None:
         if from_stage not in stages:
@@ -110,6 +138,8 @@ def run(config: str | None, overrides: list[str], from_stage: str | None = None,
             if rd.state(name).status == "done":
                 ctx.log.print(f"[{name}] already done, skipping")
                 continue
+            if preempt.agreed():  # a safe point: the stages before are done, this one has not started
+                raise preempt.Preempted(name, "before it started", None)
             torch.manual_seed(cfg.run.seed)
             stage_fn(name)(ctx)
             dist.barrier()  # the main rank has written this stage's state: every rank reads it before going on
@@ -128,6 +158,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     try:
         run(args.config, args.overrides, args.from_stage, args.force)
+    except preempt.Preempted as e:
+        who = f" [rank {dist.rank()} of {dist.world_size()}]" if dist.world_size() > 1 else ""
+        print(e.line(who), file=sys.stderr, flush=True)
+        return preempt.EXIT_PREEMPTED
     except (ConfigError, PipelineError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

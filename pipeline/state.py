@@ -143,8 +143,10 @@ STAGE_FOLDERS = {"evaluate": "eval"}  # where a stage writes, when not in a fold
 
 @dataclass
 class StageState:
-    """What a stage has done: ``status`` is pending | running | done; ``step`` counts finished steps/iterations;
-    ``checkpoint`` is the folder to resume from (relative to the run folder); ``output`` the stage's product."""
+    """What a stage has done: ``status`` is pending | running | preempted | done (preempted: stopped by a signal at a
+    safe point, details in ``extra["preempted"]``; it resumes like a running one); ``step`` counts finished
+    steps/iterations; ``checkpoint`` is the folder to resume from (relative to the run folder); ``output`` the
+    stage's product."""
 
     name: str
     status: str = "pending"

@@ -15,13 +15,24 @@ supplies only what depends on its layout:
 * :meth:`TrainingBackend._forward_backward`: forward and backward of its share of the batch's micro-batches with the
   loss function it is handed, returning one :class:`MicroStep` per micro-batch of the whole batch;
 * :meth:`TrainingBackend._optimizer_step`: reduce and clip the gradients, step the optimizer and the LR schedule,
-  return ``grad_norm`` and ``lr``; a non-finite gradient norm applies no update and raises through
-  :meth:`TrainingBackend._non_finite` (backends that own a torch optimizer use :meth:`TrainingBackend._apply_update`).
+  return ``grad_norm`` and ``lr``; on a non-finite gradient norm apply no update (no optimizer or LR-schedule step),
+  clear the gradients and return :meth:`TrainingBackend._skipped` (backends that own a torch optimizer use
+  :meth:`TrainingBackend._apply_update`, which does all of this).
+
+Non-finite steps, the same for every backend: a micro-batch whose loss, or whose inputs to it on response tokens
+(log-probs and entropy from the model, old and reference log-probs, advantages), hold NaN or infinity gets a NaN loss
+(:func:`_poisoned`), whose gradient is NaN, so the backend's own gradient check skips the step (DeepSpeed's ZeRO
+overflow check included; there is no fp16 loss scaling in any backend, so every skip is a real fault). The step
+reports ``skipped_updates`` (1 or 0); :meth:`TrainingBackend._count_step` counts skips in a row and raises
+:class:`NonFiniteSteps` at ``run.max_nonfinite_in_a_row``; the stages log each skip and name the step and the
+checkpoint to resume from.
 
 World size 1 and parallel degree 1 go through the same code as the distributed case.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +47,38 @@ from pipeline.backends.common import entropy_aligned, merge_metrics, rl_loss, sf
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+
+
+class NonFiniteSteps(FloatingPointError):
+    """``run.max_nonfinite_in_a_row`` optimizer steps in a row had a non-finite loss or gradient (none was applied)."""
+
+
+def _bad_on(mask: Tensor, *tensors: Tensor | None) -> Tensor:
+    """A 0-d bool tensor: whether any of ``tensors`` ((b, T), or (b,) per row) holds NaN/inf on a response token
+    (padding may hold anything). No host sync."""
+    padding = ~mask.bool()
+    bad = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for t in tensors:
+        if t is not None:
+            ok = torch.isfinite(t)
+            if t.dim() == 2:
+                ok = ok | padding
+            bad = bad | ~ok.all()
+    return bad
+
+
+def _zeroed(t: Tensor | None) -> Tensor | None:
+    """``t`` with NaN and infinities replaced by 0 (so that the loss can be built; it is then poisoned)."""
+    return None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _poisoned(loss: Tensor, bad: Tensor | bool = False) -> Tensor:
+    """``loss``, or ``loss * NaN`` when it or its inputs (``bad``) are not finite: then its gradient is NaN wherever
+    it reaches, so the gradient-norm check of every backend skips the step, even where the loss alone is infinite with
+    a finite gradient (``loss + inf``). One host sync (the backends read ``loss.item()`` right after anyway)."""
+    if bool(bad | ~torch.isfinite(loss.detach())):
+        return loss * math.nan
+    return loss
 
 
 class MicroStep(NamedTuple):
@@ -65,6 +108,9 @@ class TrainingBackend(ABC):
     cfg: Config
     #: optimizer steps applied so far
     step: int = 0
+    #: non-finite steps skipped in a row just now, and in all (since this backend was built)
+    nonfinite_in_a_row: int = 0
+    skipped_updates: int = 0
     #: the frozen KL reference model, or None
     reference: Any = None
     #: the torch optimizer and LR schedule, for backends that step them through :meth:`_apply_update`
@@ -90,10 +136,11 @@ class TrainingBackend(ABC):
 
         def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, None]:
             lp, _ = self._per_token(output, mb, entropy=False)
-            return sft_loss(lp, mb, num_tokens), None
+            return _poisoned(sft_loss(lp, mb, num_tokens)), None
 
         parts = self._forward_backward(batch, loss_fn)
-        return {"loss": sum(p.loss for p in parts), **self._optimizer_step()}
+        loss = sum(p.loss for p in parts)
+        return {"loss": loss, **self._count_step(loss, self._optimizer_step())}
 
     def rl_step(self, batch: TokenBatch) -> dict[str, float]:
         """One optimizer step of the policy objective on ``batch`` (which carries ``old_logprobs``, ``advantages`` and,
@@ -106,14 +153,21 @@ class TrainingBackend(ABC):
 
         def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
             lp, ent = self._per_token(output, mb, entropy=True)
+            bad = _bad_on(mb.response_mask, lp, ent, mb.old_logprobs, mb.ref_logprobs, mb.advantages)
+            if bool(bad):  # lampo refuses non-finite inputs: build the loss from zeroed ones, then poison it
+                lp, ent = _zeroed(lp), _zeroed(ent)
+                mb = dataclasses.replace(mb, old_logprobs=_zeroed(mb.old_logprobs),
+                                         ref_logprobs=_zeroed(mb.ref_logprobs), advantages=_zeroed(mb.advantages))
             # metrics describe the micro-batch alone; merged by token share below
-            return rl_loss(lp, ent, mb, algo, **norm)
+            loss, metrics = rl_loss(lp, ent, mb, algo, **norm)
+            return _poisoned(loss, bad), metrics
 
         parts = self._forward_backward(batch, loss_fn)
-        stats = self._optimizer_step()
+        loss = sum(p.loss for p in parts)
+        stats = self._count_step(loss, self._optimizer_step())
         # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
         merged = merge_metrics([(p.tokens, p.metrics) for p in parts])
-        return {**merged, "loss": sum(p.loss for p in parts), **stats}
+        return {**merged, "loss": loss, **stats}
 
     def _normalizers(self, batch: TokenBatch) -> dict[str, int]:
         """The global normalisers of the whole ``batch`` (:func:`lampo.losses.loss_normalizers`: response tokens, at
@@ -142,30 +196,54 @@ class TrainingBackend(ABC):
     def _optimizer_step(self) -> dict[str, float]:
         """Reduce and clip the accumulated gradients, apply one optimizer and LR-schedule step, clear the gradients,
         count the step; returns ``grad_norm`` and ``lr`` (the LR the step used). A non-finite gradient norm applies
-        no update, clears the gradients and raises :meth:`_non_finite`."""
+        no update (no optimizer or LR-schedule step, :attr:`step` unchanged), clears the gradients and returns
+        :meth:`_skipped`."""
+
+    # --- non-finite steps ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _skipped(grad_norm: Any, lr: float) -> dict[str, Any]:
+        """What :meth:`_optimizer_step` returns for a step it did not apply (its gradient norm is not finite)."""
+        return {"grad_norm": math.nan if grad_norm is None else float(grad_norm), "lr": lr, "skipped": True}
+
+    def _count_step(self, loss: float, stats: dict[str, Any]) -> dict[str, float]:
+        """Count a skipped step (``stats["skipped"]``) or reset the count after an applied one; raise
+        :class:`NonFiniteSteps` at ``run.max_nonfinite_in_a_row`` skips in a row. Returns the step's metrics with
+        ``skipped_updates`` (1.0 or 0.0)."""
+        skipped = bool(stats.pop("skipped", False))
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+            return {**stats, "skipped_updates": 0.0}
+        self.nonfinite_in_a_row += 1
+        self.skipped_updates += 1
+        limit = self.cfg.run.max_nonfinite_in_a_row
+        if self.nonfinite_in_a_row >= limit:
+            n = self.nonfinite_in_a_row
+            raise NonFiniteSteps(
+                f"{n} optimizer step{'s' if n > 1 else ''} in a row had a non-finite loss or gradient (the last: loss "
+                f"{loss}, gradient norm {stats['grad_norm']}; run.max_nonfinite_in_a_row={limit}); no update was "
+                f"applied for {'any of them' if n > 1 else 'it'}")
+        return {**stats, "skipped_updates": 1.0}
 
     # --- helpers for the backends -------------------------------------------------------------------------------------
-    def _non_finite(self, grad_norm: Any) -> None:
-        raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}; lower the learning rate or check "
-                                 "the data (no update was applied)")
 
     def _apply_update(self, grad_norm: Tensor, zero_grad: Callable[[], None],
                       after_update: Callable[[], None] | None = None) -> dict[str, float]:
         """The step of a backend that owns ``self.optimizer`` and ``self.scheduler`` (a torch optimizer and
         :func:`~.common.lr_schedule`), once its gradients are reduced and clipped to ``grad_norm``: refuse a
         non-finite norm, step the optimizer and the schedule, run ``after_update`` (e.g. copy fp32 masters into the
-        model), clear the gradients with ``zero_grad``."""
+        model), clear the gradients with ``zero_grad``; with a non-finite norm, only clear them and return
+        :meth:`_skipped`."""
+        lr = self.scheduler.get_last_lr()[0]
         if not torch.isfinite(grad_norm):
             zero_grad()
-            self._non_finite(grad_norm.item())
-        lr = self.scheduler.get_last_lr()[0]
+            return self._skipped(grad_norm.item(), lr)
         self.optimizer.step()
         self.scheduler.step()
         if after_update is not None:
             after_update()
         zero_grad()
         self.step += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return {"grad_norm": float(grad_norm), "lr": lr, "skipped": False}
 
     def _scoring_model(self, policy: Any, reference: bool) -> Any:
         """The model :meth:`token_logprobs` runs: ``policy``, or the frozen reference."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lampo.losses import entropy_from_logits, policy_objective
-from lampo.record import TokenBatch, check_finite
+from lampo.record import TokenBatch
 from pipeline.checks import PipelineError
 from pipeline.dist import collective_timeout
 
@@ -102,9 +102,7 @@ def sft_loss(logprobs: Tensor, mb: TokenBatch, num_tokens: Tensor | float) -> Te
     """This micro-batch's share of the batch's masked next-token loss: ``-sum(lp * mask) / num_tokens`` where
     ``logprobs`` (b, T) are aligned per-token log-probs and ``num_tokens`` counts the response tokens of the whole
     (global) batch, so the shares of all micro-batches add up to the batch mean."""
-    loss = -(logprobs * mb.response_mask).sum() / num_tokens
-    check_finite("SFT loss", loss.detach())
-    return loss
+    return -(logprobs * mb.response_mask).sum() / num_tokens  # a non-finite one is the base class's to skip
 
 
 def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: AlgorithmConfig, *, max_len: int,
@@ -117,8 +115,7 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
     loss, metrics = policy_objective(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
                                      ref_logprobs=mb.ref_logprobs, entropy=entropy, num_tokens=num_tokens,
                                      num_seqs=num_seqs, **policy_kwargs(algo, max_len=max_len))
-    check_finite("RL loss", loss.detach())
-    return loss, metrics
+    return loss, metrics  # a non-finite loss is the base class's to skip (TrainingBackend.rl_step)
 
 
 def adamw_options(cfg: Config, *, lr: float, weight_decay: float) -> dict[str, Any]:

@@ -27,8 +27,10 @@ Departures from the torch backend, none of which changes the computed step: the 
 copy replicated on every rank (not ZeRO-partitioned); the HF checkpoint is loaded in fp32 on the CPU by every rank
 before DeepSpeed moves/partitions it (no ``zero.Init``), so ZeRO-3 saves optimizer and gradient memory, not load-time
 memory; ``save``/``load`` use DeepSpeed's own checkpoint format (sharded optimizer state), and ``export_hf`` writes
-the standard HF format. A non-finite gradient norm raises FloatingPointError with no update applied, as in the torch
-backend: ZeRO stages skip such a step themselves (and the LR schedule with it); at stage 0 we check before stepping.
+the standard HF format. A step with a non-finite gradient norm is skipped (no update) and counted, as in every backend
+(:class:`~pipeline.backends.base.TrainingBackend`): ZeRO stages skip such a step themselves (and the LR schedule with
+it: ``was_step_applied``), at stage 0 we check before stepping. No fp16 loss scaling is configured (bf16 or fp32
+only), so DeepSpeed never skips a step for a loss-scale overflow that would not be a real fault.
 
 Colocated rollouts (``backend.colocate_rollout``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
 state to the host (``engine.offload_states`` for what DeepSpeed can move, the torch AdamW moments by hand where it
@@ -225,10 +227,10 @@ class DeepSpeedBackend(TrainingBackend):
             own_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
             if not torch.isfinite(own_norm):
                 self.module.zero_grad(set_to_none=True)
-                self._non_finite(own_norm.item())
+                return self._skipped(own_norm.item(), lr)
         self.engine.step()
         if not self.engine.was_step_applied():  # ZeRO saw inf/NaN gradients: no update, no LR step, grads cleared
-            self._non_finite(self.engine.get_global_grad_norm())
+            return self._skipped(self.engine.get_global_grad_norm(), lr)
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = grad_norm if grad_norm is not None else own_norm
@@ -236,7 +238,7 @@ class DeepSpeedBackend(TrainingBackend):
             raise FloatingPointError(f"gradient norm is {float(grad_norm)} at step {self.step - 1} and DeepSpeed "
                                      "applied the update; resume from the last checkpoint with a lower learning rate")
         # no norm at all only when DeepSpeed computes none (ZeRO 1/2 without gradient clipping)
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": lr}
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": lr, "skipped": False}
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -10,7 +10,13 @@ Where this departs from the paper (arXiv 2605.21235), or fills a gap it leaves:
 * the rollout engine gets the trainer's weights at the start of each iteration (``rl.eval_every`` evaluates
   them there too, so iteration N's evaluation describes the policy after N updates);
 * with ``rl.algorithm.dynamic_sampling`` the groups whose rewards are all equal are dropped (DAPO); no re-sampling
-  is done to refill the batch.
+  is done to refill the batch;
+* an optimizer step with a non-finite loss or gradient is skipped, logged and counted (``rl/skipped_updates``: the
+  iteration's skipped steps); ``run.max_nonfinite_in_a_row`` in a row stop the stage, naming the iteration and the
+  checkpoint to resume from.
+
+A SIGTERM (SIGINT, SIGUSR1) stops the stage after the update of the iteration under way, which is then checkpointed
+(:mod:`pipeline.preempt`): a rollout is never cut short.
 
 Every rollout engine generates and scores a share of each iteration's prompts (:mod:`pipeline.rollout.groups`:
 ``rollout.tensor_parallel`` ranks per engine, every sample of a prompt on one engine); the scored shards are gathered
@@ -29,8 +35,9 @@ from tqdm import tqdm
 from lampo.advantages import ADVANTAGE_ESTIMATORS, pairwise_weight_stats, sequence_scores, uniform_groups
 from lampo.record import RolloutBatch, Sample
 from lampo.rewards import build_reward
-from pipeline import dist
+from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend, backend_class
+from pipeline.backends.base import NonFiniteSteps
 from pipeline.context import Context
 from pipeline.data import format_prompt, load_rows
 from pipeline.faults import fault_point
@@ -139,14 +146,28 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
 def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, float]:
     rl, parts = ctx.cfg.rl, []
     gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 7919 + it)
-    for _ in range(rl.algorithm.ppo_epochs):
+    per_epoch = -(-len(tb) // rl.mini_batch_size)
+    for epoch in range(rl.algorithm.ppo_epochs):
         order = torch.randperm(len(tb), generator=gen)
         for start in range(0, len(tb), rl.mini_batch_size):
             fault_point("rl_update")
-            parts.append(backend.rl_step(tb.select(order[start:start + rl.mini_batch_size])))
-    # each optimizer step's metrics: means over the steps, but a maximum (``ratio_max``) stays the maximum
-    return {k: max(p[k] for p in parts) if k.endswith("_max") else sum(p[k] for p in parts) / len(parts)
-            for k in parts[0]} if parts else {}
+            k = epoch * per_epoch + start // rl.mini_batch_size + 1
+            where = f"iteration {it + 1}, update {k} of {rl.algorithm.ppo_epochs * per_epoch}"
+            try:
+                parts.append(backend.rl_step(tb.select(order[start:start + rl.mini_batch_size])))
+            except NonFiniteSteps as e:
+                raise ctx.nonfinite_stop("rl", e, where) from None
+            if parts[-1].get("skipped_updates"):
+                ctx.note_skipped_step(backend, "rl", parts[-1], where)
+    # each optimizer step's metrics: means over the steps, but a maximum (``ratio_max``) stays the maximum and the
+    # skipped steps are counted
+    def merged(k: str) -> float:
+        values = [p[k] for p in parts]
+        if k.endswith("_max"):
+            return max(values)
+        return sum(values) if k == "skipped_updates" else sum(values) / len(values)
+
+    return {k: merged(k) for k in parts[0]} if parts else {}
 
 
 def run(ctx: Context) -> None:
@@ -183,6 +204,12 @@ def run(ctx: Context) -> None:
             log_iteration(ctx, batch, m, it + 1)
         if (it + 1) % rl.checkpoint_every == 0 or it + 1 == rl.iterations:
             ctx.save_checkpoint(backend, st, it + 1)
+        try:
+            ctx.preemption_point(backend, st, it + 1, "iteration")  # a SIGTERM stops here, with a checkpoint
+        except preempt.Preempted:
+            if engine is not None:
+                engine.shutdown()
+            raise
     out = ctx.export(backend, "rl/final")
     st.status, st.step, st.output = "done", rl.iterations, str(out.relative_to(rd.root))
     if dist.is_main():

@@ -1,6 +1,8 @@
 """SFT warm-up: masked next-token loss on reference solutions, resumable at checkpoint granularity.
 
 The data order is a function of ``(seed, step)`` alone, so a resumed run sees exactly the batches it would have seen.
+A step with a non-finite loss or gradient is skipped and logged (``sft/skipped_updates``); too many in a row stop the
+stage (``run.max_nonfinite_in_a_row``). A SIGTERM stops it after the step under way, which is checkpointed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from tqdm import tqdm
 from lampo.record import TokenBatch
 from pipeline import dist
 from pipeline.backends import backend_class
+from pipeline.backends.base import NonFiniteSteps
 from pipeline.checks import PipelineError
 from pipeline.context import Context
 from pipeline.data import format_prompt, load_rows
@@ -61,17 +64,25 @@ def run(ctx: Context) -> None:
     bar = tqdm(range(st.step, sft.steps), desc="sft", initial=st.step, total=sft.steps,
                disable=not (cfg.run.progress and dist.is_main()))
     t0 = time.perf_counter()
+    skipped = 0  # steps skipped for a non-finite loss or gradient since the last log line
     for step in bar:
         idx = batch_indices(len(prompts), sft.batch_size, step, cfg.run.seed)
         batch = TokenBatch.from_sequences([prompts[i] for i in idx], [responses[i] for i in idx], ctx.pad_id)
         fault_point("sft_step")
-        m = backend.sft_step(batch)
+        try:
+            m = backend.sft_step(batch)
+        except NonFiniteSteps as e:
+            raise ctx.nonfinite_stop("sft", e, f"step {step + 1}") from None
+        ctx.note_skipped_step(backend, "sft", m, f"step {step + 1}")
+        skipped += int(m["skipped_updates"])
         bar.set_postfix(loss=f"{m['loss']:.3f}")
         if (step + 1) % sft.log_every == 0 or step + 1 == sft.steps:
             m["seconds_per_step"] = (time.perf_counter() - t0) / (step + 1 - st.step)
+            m["skipped_updates"], skipped = skipped, 0
             ctx.log.scalars("sft", m, step + 1)
         if (step + 1) % sft.checkpoint_every == 0 and step + 1 < sft.steps:
             ctx.save_checkpoint(backend, st, step + 1)
+        ctx.preemption_point(backend, st, step + 1, "step")  # a SIGTERM stops here, with a checkpoint
     out = ctx.export(backend, "sft/final")
     st.status, st.step, st.output = "done", sft.steps, str(out.relative_to(rd.root))
     if dist.is_main():

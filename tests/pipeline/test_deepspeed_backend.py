@@ -6,12 +6,13 @@ on an 8-sequence batch cut into micro-batches of 3. With 2 ranks that is 2 micro
 zero-weight dummy on rank 1, so the uneven-shard path is exercised. Checked against :class:`TorchBackend`: the
 metrics, the log-probs and the updated weights (fp32, CPU), also with activation recomputation. Also: save -> load
 resumes identically (the next step after loading equals the next step without the round trip), a non-finite gradient
-raises without updating anything (ZeRO 0/2/3), ZeRO-3's ``export_hf`` gathers the full weights,
+is skipped without updating anything, and counted (ZeRO 0/2/3), ZeRO-3's ``export_hf`` gathers the full weights,
 ``validate_config`` refuses layouts this backend cannot run, and the colocated-rollout memory release (its CUDA branch,
 with the device faked) moves the optimizer state and round-trips exactly at ZeRO 0/2/3.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -130,13 +131,18 @@ def test_save_load_resumes_identically(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_non_finite_gradient_raises_and_applies_no_update(ckpt, stage):
+def test_non_finite_gradient_is_skipped_counted_and_applies_no_update(ckpt, stage):
+    """As in every backend (tests/pipeline/test_nonfinite.py): skipped, counted, the third in a row stops."""
+    from pipeline.backends.base import NonFiniteSteps
     from pipeline.backends.deepspeed_backend import DeepSpeedBackend
 
     b = make_backend(DeepSpeedBackend, ckpt, stage)
     before = dict(b.named_full_tensors())
     hook = b.module.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match="no update was applied"):
+    for n in (1, 2):
+        m = b.sft_step(make_batch(0))
+        assert m["skipped_updates"] == 1 and not math.isfinite(m["grad_norm"]) and b.nonfinite_in_a_row == n
+    with pytest.raises(NonFiniteSteps, match="3 optimizer steps in a row.*no update was applied"):
         b.sft_step(make_batch(0))
     hook.remove()
     assert b.step == 0 and all(torch.equal(v, before[k]) for k, v in b.named_full_tensors())

@@ -99,13 +99,13 @@ def test_save_load_resumes_exactly(ckpt, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0)
 
 
-def test_nan_loss_is_refused_without_update(ckpt):
+def test_nan_loss_is_skipped_without_update(ckpt):
+    """(tests/pipeline/test_nonfinite.py has the rest: the count, its reset, the stop at run.max_nonfinite_in_a_row.)"""
     b = make_backend(ckpt, 6)
     batch = random_batch(4)
     batch.old_logprobs = torch.full(batch.input_ids.shape, float("nan"))
     before = weights(b)
-    with pytest.raises(FloatingPointError):
-        b.rl_step(batch)
+    assert b.rl_step(batch)["skipped_updates"] == 1 and b.step == 0
     for k, v in weights(b).items():
         assert torch.equal(v, before[k])
 
@@ -116,12 +116,11 @@ def test_adam_options_come_from_the_config(ckpt):
     assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-6
 
 
-def test_non_finite_gradient_raises_and_applies_no_update(ckpt):
+def test_non_finite_gradient_is_skipped_and_applies_no_update(ckpt):
     b = make_backend(ckpt, 2)
     before = weights(b)
     hook = b.model.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match="no update was applied"):
-        b.sft_step(random_batch(3))
+    assert b.sft_step(random_batch(3))["skipped_updates"] == 1
     hook.remove()
     assert b.step == 0 and all(torch.equal(v, before[k]) for k, v in weights(b).items())
     assert all(p.grad is None for p in b.model.parameters())  # nothing leaks into the next step
