@@ -440,9 +440,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_design(out: Path) -> dict[str, Any]:
-    return json.loads((out / "study.json").read_text())
-
-
 if __name__ == "__main__":
     sys.exit(main())
