@@ -1,23 +1,25 @@
-"""The HF engine's own decode loop (``rollout.hf_decode: loop``): what ``generate`` samples, with less work per step.
+"""The HF engine's own decode loop (``rollout.hf_decode: loop``): what ``generate`` samples, with less work.
 
-Measured on one CPU thread (``benchmarks/RESULTS.md``, issue 13), HF ``generate`` on the tiny model spends a third of
-its time in ``torch.cat``: its ``DynamicCache`` grows every layer's keys and values by one position per step, copying
-the whole cache each time. Its static cache (``cache_implementation="static"``) was no faster there, and
-``torch.compile`` of the forward (``CompileConfig``, CPU) was slower after a minute of compiling. This loop instead:
+Where ``generate``'s time goes, and what was tried (one CPU thread; figures in ``benchmarks/RESULTS.md``, issue 13):
+on the tiny model about 87% of a call is the model's forward, and on an 8 x 512 model with a 32k vocabulary 67%, the
+rest mostly ``torch.multinomial``'s one Exp(1) draw per (row, vocabulary entry). transformers' static cache
+(``cache_implementation="static"``) was no faster, ``torch.compile`` of the forward on CPU (``CompileConfig``) slower
+after a minute of compiling, and a KV buffer preallocated for the whole call (attention given views of it, no
+``torch.cat`` per step) no faster either: CPU attention on those strided views costs what the copy saved. So this loop
+keeps transformers' ``DynamicCache`` and the model's own forward, and removes work instead:
 
-* keeps every layer's keys and values in one buffer allocated for the whole call (:class:`_BufferLayer`, an HF cache
-  layer, so the model's own attention and mask code run unchanged) and hands attention a view of the filled part;
-* runs the prompt pass once per distinct prompt, not once per sample: the ``n`` samples of a prompt share its keys
-  and values, written ``n`` times into the buffer by that one pass;
-* drops rows that have produced EOS from the batch (their cache rows too) once a quarter of the batch has finished;
-* applies the sampling transforms without ``generate``'s per-step copies of the (rows, vocabulary) scores where the
-  result is the same (EOS suppression for ``min_new_tokens`` writes one column), and HF's own warpers for top-k/top-p.
+* the prompt pass runs once per distinct prompt, not once per sample: its keys and values are repeated to the ``n``
+  rows of the prompt's samples (on the RL shape, 32 prompts x 8 samples, that is 1/8 of the prompt tokens);
+* rows that produced EOS leave the batch (with their cache rows) once they are a quarter of it;
+* the sampling transforms skip ``generate``'s per-step (rows, vocabulary) copies where the result is the same (EOS
+  suppression for ``min_new_tokens`` writes one column), and use HF's own warpers for top-k and top-p.
 
 It draws random numbers exactly as ``generate`` does: ``torch.multinomial(probs, 1)`` (PyTorch's one-sample path)
 divides the probabilities by one Exp(1) draw per (row, token) of the whole batch and takes the argmax; the loop makes
-that same draw for the batch's original rows every step, finished ones included, so rows dropped from the batch do not
-shift the stream, and with the engine's per-batch seed it samples the same tokens as ``generate`` (tested in
-``tests/pipeline/test_hf_engine_decode.py``, up to last-bit differences of the model's arithmetic on a smaller batch).
+that same draw for all the batch's rows every step, finished ones included, so rows dropped from the batch do not
+shift the stream, and with the engine's per-batch seeds it samples the same tokens as ``generate`` does
+(``tests/pipeline/test_hf_engine_decode.py``) as long as the model's arithmetic gives the same logits on the smaller
+batches (it did on every comparison run on CPU; a kernel that rounds differently by batch size could flip a near tie).
 """
 from __future__ import annotations
 
