@@ -3,11 +3,15 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_engine.py [--models tiny,large] [--shapes rl,bench] [--repeats 3] [--threads 1]
+    python benchmarks/bench_engine.py [--models tiny,large[,NAME=CHECKPOINT]] [--shapes rl,bench] [--repeats 3]
+                                      [--threads 1]
 
-Models: ``tiny`` is the tiny pipeline's model (``TinyModelConfig()``, seed 1234, as ``configs/tiny.yaml`` builds it);
-``large`` a random Qwen2-shaped model, 8 layers x 512 wide (8 heads, 4 KV heads, MLP 1,408), vocabulary 32,000,
-untied embeddings, fp32. Shapes (tiny-task prompts, tokenised by the tiny tokenizer, which both models share):
+Models: ``tiny`` is the tiny pipeline's model (``TinyModelConfig()``, seed 1234, as ``configs/tiny.yaml`` builds it,
+untrained); ``large`` a random Qwen2-shaped model, 8 layers x 512 wide (8 heads, 4 KV heads, MLP 1,408), vocabulary
+32,000, untied embeddings, fp32; ``NAME=CHECKPOINT`` any HF checkpoint folder that uses the tiny tokenizer, e.g.
+``sft=runs/tiny/sft/final`` after the tiny pipeline's SFT stage (a trained model ends its responses at EOS, so rows
+finish early there; the random models rarely or never produce EOS). Shapes (tiny-task prompts, tokenised by the tiny
+tokenizer, which all the models share):
 
 * ``rl``: the tiny config's RL call: 32 prompts x 8 samples = 256 sequences in one generation batch
   (``rollout.batch_size`` 256), 48 new tokens, temperature 0.7, responses end at EOS;
@@ -51,6 +55,10 @@ def build_models(work: Path, names: list[str]) -> dict[str, Path]:
     from pipeline.tiny.tokenizer import build_tokenizer
 
     out = {"tiny": create_tiny_checkpoint(work / "tiny", TinyModelConfig(), seed=1234)}
+    for name in names:
+        if "=" in name:
+            label, path = name.split("=", 1)
+            out[label] = Path(path)
     if "large" in names:
         tok = build_tokenizer()
         with torch.random.fork_rng(devices=[]):
@@ -74,8 +82,8 @@ def main() -> int:
     args = ap.parse_args()
     models, shapes = args.models.split(","), args.shapes.split(",")
     for name in models:
-        if name not in ("tiny", "large"):
-            ap.error(f"--models: unknown model {name!r} (tiny, large)")
+        if name not in ("tiny", "large") and not ("=" in name and Path(name.split("=", 1)[1], "config.json").is_file()):
+            ap.error(f"--models: {name!r} is neither tiny, large nor NAME=CHECKPOINT with a config.json in CHECKPOINT")
     for name in shapes:
         if name not in SHAPES:
             ap.error(f"--shapes: unknown shape {name!r} ({', '.join(SHAPES)})")
@@ -98,7 +106,7 @@ def main() -> int:
         cfg = load_config(None, ["rollout.batch_size=256"])
         tok = load_tokenizer(paths["tiny"], cfg)
         problems = make_split("train", 1000, seed=cfg.run.seed)
-        for model_name in models:
+        for model_name in (m.split("=", 1)[0] for m in models):
             engines = {m: engine_class("hf")(paths[model_name], tok, cfg, decode=m) for m in MODES}
             for shape in shapes:
                 n_prompts, n, new, temp, min_new = SHAPES[shape]
