@@ -108,6 +108,9 @@ class RolloutConfig:
     # with False (default), rollouts are not reproducible sample for sample and a resumed run does not repeat the
     # samples an uninterrupted run would have drawn. True starts sglang.Engine(enable_deterministic_inference=True).
     sglang_deterministic: bool = False
+    # how the HF engine decodes: loop (pipeline.rollout.hf_decode: preallocated KV cache, one prompt pass per distinct
+    # prompt, finished rows dropped; same random draws as generate) | generate (transformers' model.generate)
+    hf_decode: str = "loop"
 
 
 @dataclass
@@ -405,6 +408,7 @@ def validate(cfg: Config) -> Config:
         _check(v > 0, f"{path}={v} must be positive")
     _check(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0 for sampling")
     _check(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    one_of(cfg.rollout.hf_decode, ("loop", "generate"), "rollout.hf_decode")
     _check(0 < cfg.rollout.sglang_mem_fraction < 1,
            f"rollout.sglang_mem_fraction={cfg.rollout.sglang_mem_fraction} must be in (0, 1): it is the share of a "
            "GPU's memory that SGLang takes for its weights and KV cache, the rest is left to the trainer")

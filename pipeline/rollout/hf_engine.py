@@ -1,4 +1,11 @@
-"""Hugging Face ``generate`` rollout engine: batched, KV-cached sampling with per-token log-probs (CPU or one GPU).
+"""Hugging Face rollout engine: batched, KV-cached sampling with per-token log-probs (CPU or one GPU).
+
+Decoding (``rollout.hf_decode``, or the ``decode`` argument): ``loop`` (default) runs the engine's own loop,
+:func:`pipeline.rollout.hf_decode.decode` (a preallocated KV cache, one prompt pass per distinct prompt, finished rows
+dropped), which draws the same random numbers as ``generate`` and so samples the same tokens; ``generate`` calls
+transformers' ``model.generate``. Both honour every :class:`SamplingParams` field and the same per-batch seeding. The
+loop applies nothing else; ``generate`` also applies processors the checkpoint's ``generation_config.json`` asks for
+that the call does not override (e.g. a ``repetition_penalty``; the tiny model's has none).
 
 Memory: the log-probs of the sampled tokens are gathered step by step as ``generate`` runs: a forward hook on the
 model keeps the latest step's logits only (in one reused buffer) and picks the chosen token's entry when that token is
@@ -20,15 +27,21 @@ from torch import Tensor
 
 from evaluation.engine import Generation, RolloutEngine, SamplingParams
 from pipeline.models import load_hf_model
+from pipeline.rollout.hf_decode import decode
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model_path: str | Path, tokenizer: Any, cfg: Config, *, model: torch.nn.Module | None = None):
+    def __init__(self, model_path: str | Path, tokenizer: Any, cfg: Config, *, model: torch.nn.Module | None = None,
+                 decode: str | None = None):
         """``model``: sample from this module's weights (shared, never copied) instead of loading ``model_path``. It
-        must live on this engine's device (CUDA if available, else CPU) in the dtype the engine would load."""
+        must live on this engine's device (CUDA if available, else CPU) in the dtype the engine would load.
+        ``decode``: ``loop`` | ``generate``, overriding ``cfg.rollout.hf_decode``."""
+        self.decode = decode if decode is not None else cfg.rollout.hf_decode
+        if self.decode not in ("loop", "generate"):
+            raise ValueError(f"decode={self.decode!r}: the HF engine decodes with 'loop' or 'generate'")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if model is not None:
             if not self.can_share(model):
@@ -77,6 +90,12 @@ class HFEngine(RolloutEngine):
         return max(1, self.batch_size // n)
 
     def _generate_batch(self, jobs: list[tuple[int, list[int]]], params: SamplingParams) -> list[Generation]:
+        if self.decode == "loop":  # jobs: whole prompts, n consecutive samples each
+            res = decode(self.model, [p for _, p in jobs[::params.n]], params, eos_id=self.eos_id, pad_id=self.pad_id,
+                         device=self.device)
+            lps = res.logprobs if res.logprobs is not None else [None] * len(jobs)
+            return [Generation(i, ids, lp, fin)
+                    for (i, _), ids, lp, fin in zip(jobs, res.token_ids, lps, res.finished, strict=True)]
         width = max(len(p) for _, p in jobs)
         input_ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(jobs), width), dtype=torch.long)

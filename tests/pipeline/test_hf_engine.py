@@ -20,10 +20,11 @@ def ckpt(tmp_path_factory):
     return create_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", SMALL, seed=0)
 
 
-@pytest.fixture(scope="module")
-def engine(ckpt):
+@pytest.fixture(scope="module", params=["loop", "generate"])
+def engine(ckpt, request):
+    """The engine with either decoding mode (``rollout.hf_decode``; ``test_hf_engine_decode.py`` compares them)."""
     path = ckpt
-    cfg = load_config(None, ["rollout.batch_size=5"])  # smaller than the job count: batches are cut
+    cfg = load_config(None, ["rollout.batch_size=5", f"rollout.hf_decode={request.param}"])  # batches are cut
     tok = load_tokenizer(path, cfg)
     return engine_class("hf")(path, tok, cfg), tok
 
@@ -85,14 +86,15 @@ def test_logprobs_option_changes_nothing_sampled(engine):
     assert all(g.logprobs is None for g in off) and all(len(g.logprobs) == len(g.token_ids) for g in on)
 
 
-def test_sampling_from_the_trainers_model_equals_a_synced_copy(ckpt, monkeypatch):
+@pytest.mark.parametrize("decode", ["loop", "generate"])
+def test_sampling_from_the_trainers_model_equals_a_synced_copy(ckpt, monkeypatch, decode):
     """With the torch backend the RL stage passes the trainer's model (``make_engine``): the engine samples
     from those very tensors (nothing loaded, nothing copied), exactly as a copy synced through ``update_weights``
     would, leaves the model in train mode, and weight sync copies nothing."""
     from pipeline.backends import backend_class
     from pipeline.rollout import hf_engine
 
-    cfg = load_config(None, ["rollout.batch_size=5"])
+    cfg = load_config(None, ["rollout.batch_size=5", f"rollout.hf_decode={decode}"])
     tok = load_tokenizer(ckpt, cfg)
     backend = backend_class("torch")(cfg, ckpt, lr=1e-3, total_steps=1)
     with torch.no_grad():  # "training" moved the weights away from the checkpoint
@@ -107,7 +109,7 @@ def test_sampling_from_the_trainers_model_equals_a_synced_copy(ckpt, monkeypatch
 
     monkeypatch.setattr(hf_engine, "load_hf_model", no_load)
     shared = make_engine(cfg, ckpt, tok, backend)
-    assert shared.model is backend.model
+    assert shared.model is backend.model and shared.decode == copy.decode == decode
     trainer_ptrs = {n: t.data_ptr() for n, t in backend.model.state_dict().items()}
     assert {n: t.data_ptr() for n, t in shared.model.state_dict().items()} == trainer_ptrs  # the same storage
     assert backend.model.training

@@ -29,8 +29,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(mode: str, model_dir: str) -> None:
-    """One measured ``generate`` call (``mode``: on | off, the log-probs option); prints a JSON line."""
+def child(mode: str, model_dir: str, decode: str) -> None:
+    """One measured ``generate`` call (``mode``: on | off, the log-probs option; ``decode``: the engine's
+    ``rollout.hf_decode``); prints a JSON line."""
     import hashlib
 
     import torch
@@ -43,7 +44,7 @@ def child(mode: str, model_dir: str) -> None:
     class Tok:  # all the engine needs of a tokenizer
         pad_token_id, eos_token_id = 0, 1
 
-    eng = engine_class("hf")(model_dir, Tok(), Config())
+    eng = engine_class("hf")(model_dir, Tok(), Config(), decode=decode)
     prompts = [[(7 * i + j) % 1000 + 2 for j in range(8 + i % 5)] for i in range(SEQS)]
     # greedy: CPU multinomial over 151,936 entries costs ~0.1 s a step; memory is the same either way
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS, logprobs=mode == "on")
@@ -61,19 +62,20 @@ def child(mode: str, model_dir: str) -> None:
         "ids_sha": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}), flush=True)
 
 
-def measure(mode: str, model_dir: Path) -> dict:
+def measure(mode: str, model_dir: Path, decode: str) -> dict:
     # blocks of 1 MiB and more are mmap'ed and unmapped when freed, so the resident size follows what is alive rather
     # than how glibc's heap happens to fragment (without this, peaks vary by several hundred MiB from run to run)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    proc = subprocess.run([sys.executable, __file__, mode, str(model_dir)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, __file__, mode, str(model_dir), decode], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_memory_is_bounded_with_a_large_vocabulary(tmp_path):
+@pytest.mark.parametrize("decode", ["loop", "generate"])
+def test_memory_is_bounded_with_a_large_vocabulary(tmp_path, decode):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -82,8 +84,9 @@ def test_memory_is_bounded_with_a_large_vocabulary(tmp_path):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen2_random")
-    off, on = (measure(m, tmp_path / "qwen2_random") for m in ("off", "on"))
-    print(f"\nlog-probs off: peak +{off['peak_above_base_mib']:.0f} MiB, {off['tokens'] / off['seconds']:.0f} tok/s; "
+    off, on = (measure(m, tmp_path / "qwen2_random", decode) for m in ("off", "on"))
+    print(f"\n{decode}: log-probs off: peak +{off['peak_above_base_mib']:.0f} MiB, "
+          f"{off['tokens'] / off['seconds']:.0f} tok/s; "
           f"on: peak +{on['peak_above_base_mib']:.0f} MiB, {on['tokens'] / on['seconds']:.0f} tok/s; "
           f"stacked logits would be {STACKED / 2**20:,.0f} MiB")
     for r in (off, on):
@@ -96,4 +99,4 @@ def test_memory_is_bounded_with_a_large_vocabulary(tmp_path):
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], sys.argv[2])
+    child(sys.argv[1], sys.argv[2], sys.argv[3])
