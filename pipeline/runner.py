@@ -25,6 +25,7 @@ import uuid
 import torch
 import yaml
 
+from lampo.io import atomic_write_text
 from pipeline import dist, preempt
 from pipeline.checks import PipelineError
 from pipeline.config import Config, ConfigError, config_diff, load_config
@@ -32,7 +33,7 @@ from pipeline.context import Context
 from pipeline.logger import Logger
 from pipeline.plan import add_plan_arguments, plan_command
 from pipeline.stages import stage_fn
-from pipeline.state import RunDir, atomic_write_text
+from pipeline.state import RunDir
 from pipeline.validate import validate_cluster, validate_names
 
 # where a rank posts its stop request for the others (shared run folder; see pipeline.preempt)

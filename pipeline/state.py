@@ -1,8 +1,8 @@
 """The run folder: atomic writes, per-stage state files and checkpoint bookkeeping.
 
 A kill at any moment leaves every file either at its old or at its new content: files are written to a temporary
-name and renamed; a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a stage's state file
-points at a checkpoint only after that rename.
+name and renamed (:mod:`lampo.io`); a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a stage's
+state file points at a checkpoint only after that rename.
 
 Every checkpoint folder holds a ``MANIFEST.json``, written last (after every rank's files): the relative path, size
 and sha256 of each file in it. A checkpoint is usable only when its manifest is present and matches the folder
@@ -22,20 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+from lampo.io import atomic_write_json
 
 
 @contextlib.contextmanager

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from evaluation.report import scalars
 from evaluation.run import evaluate
+from lampo.io import atomic_write_text
 from pipeline import dist, preempt
 from pipeline.context import Context
 from pipeline.rollout import RolloutEngine, engine_class
 from pipeline.rollout.groups import RolloutGroups
-from pipeline.state import atomic_write_text
 
 CHECKPOINT_STEP = {"base": 0, "sft": 1, "rl": 2}  # x-axis of the eval scalars in TensorBoard
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.state import RunDir, StageState, atomic_dir, atomic_write_json
+from lampo.io import atomic_write_json
+from pipeline.state import RunDir, StageState, atomic_dir
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):

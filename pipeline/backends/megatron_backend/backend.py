@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lampo.io import atomic_path
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
@@ -305,9 +306,8 @@ class MegatronBackend(TrainingBackend):
             if extra.suffix in (".json", ".txt", ".model", ".jinja") and extra.name not in (
                     "config.json", "model.safetensors.index.json") and not (path / extra.name).exists():
                 shutil.copy(extra, path / extra.name)
-        tmp = path / "model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / "model.safetensors")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
 
     # --- colocated rollouts -------------------------------------------------------------------------------------------
     def _offloads(self) -> bool:
