@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from evaluation.metrics import breakdown, length_stats, majority_correct, score_
 from evaluation.prompts import PROMPT_STYLES, encode_prompt
 from evaluation.report import write_report
 from lampo.io import atomic_write_json, atomic_write_text
+from lampo.seeds import derive_seed
 
 log = logging.getLogger("evaluation")
 
@@ -156,7 +156,7 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
     with open(partial, "a", encoding="utf-8") as f:
         for chunk in chunks:
             prompts = [encode_prompt(tokenizer, p.text, chat=b.chat, style=style) for _, p in chunk]
-            batch_seed = (settings["seed"] * 1_000_003 + zlib.crc32(b.name.encode()) + chunk[0][0]) % 2**31
+            batch_seed = derive_seed(settings["seed"], "eval", b.name, chunk[0][0])
             gens = engine.generate(prompts, SamplingParams(**params, seed=batch_seed))
             by_prompt: list[list[Any]] = [[] for _ in chunk]
             for g in gens:

@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend
 from pipeline.backends.base import NonFiniteSteps
@@ -71,7 +72,7 @@ class Context:
         if dist.is_main() and not (path / "config.json").exists():
             from pipeline.tiny.model import create_tiny_checkpoint
 
-            create_tiny_checkpoint(path, self.cfg.model.tiny, seed=self.cfg.run.seed)
+            create_tiny_checkpoint(path, self.cfg.model.tiny, seed=derive_seed(self.cfg.run.seed, "init"))
         dist.barrier()
         return path
 

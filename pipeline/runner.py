@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from lampo.io import atomic_write_text
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.checks import PipelineError
 from pipeline.config import Config, ConfigError, config_diff, load_config
@@ -141,7 +142,7 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
                 continue
             if preempt.agreed():  # a safe point: the stages before are done, this one has not started
                 raise preempt.Preempted(name, "before it started", None)
-            torch.manual_seed(cfg.run.seed)
+            torch.manual_seed(derive_seed(cfg.run.seed, "init"))
             stage_fn(name)(ctx)
             dist.barrier()  # the main rank has written this stage's state: every rank reads it before going on
     finally:

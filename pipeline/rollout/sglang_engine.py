@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from evaluation.engine import Generation, RolloutEngine, SamplingParams
+from lampo.seeds import derive_seed
 from pipeline.rollout.groups import RolloutGroups
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def engine_kwargs(model_path: str | Path, cfg: Config) -> dict[str, Any]:
                          "engine cannot span two nodes")
     return dict(model_path=str(model_path), tp_size=k, base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")),
                 skip_tokenizer_init=True, dtype=cfg.model.dtype,
-                mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=cfg.run.seed,
+                mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=derive_seed(cfg.run.seed, "init"),
                 trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.backend.colocate_rollout,
                 enable_deterministic_inference=cfg.rollout.sglang_deterministic)
 

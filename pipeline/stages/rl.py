@@ -35,6 +35,7 @@ from tqdm import tqdm
 from lampo.advantages import ADVANTAGE_ESTIMATORS, pairwise_weight_stats, sequence_scores, uniform_groups
 from lampo.record import RolloutBatch, Sample
 from lampo.rewards import build_reward
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend, backend_class
 from pipeline.backends.base import NonFiniteSteps
@@ -55,7 +56,7 @@ def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int,
     prompts = [format_prompt(rows[i], ctx.cfg, ctx.tokenizer) for i in shard]
     # the engine's log-probs are needed only when the trainer does not recompute the old ones
     params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it,
+                            max_new_tokens=r.max_new_tokens, seed=derive_seed(ctx.cfg.run.seed, "rollout", it),
                             logprobs=not ctx.cfg.rl.algorithm.recompute_old_logprobs)
     gens = engine.generate(prompts, shard_params(params, shard))
     fault_point("rl_rollout")
@@ -145,7 +146,7 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
 
 def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, float]:
     rl, parts = ctx.cfg.rl, []
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 7919 + it)
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.run.seed, "rl_minibatches", it))
     per_epoch = -(-len(tb) // rl.mini_batch_size)
     for epoch in range(rl.algorithm.ppo_epochs):
         order = torch.randperm(len(tb), generator=gen)

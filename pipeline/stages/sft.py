@@ -12,6 +12,7 @@ import time
 from tqdm import tqdm
 
 from lampo.record import TokenBatch
+from lampo.seeds import derive_seed
 from pipeline import dist
 from pipeline.backends import backend_class
 from pipeline.backends.base import NonFiniteSteps
@@ -28,7 +29,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
         perm = list(range(n))
-        random.Random(f"{seed}/{epoch}").shuffle(perm)
+        random.Random(derive_seed(seed, "sft_order", epoch)).shuffle(perm)
         take = min(batch_size - len(out), n - offset)
         out += perm[offset:offset + take]
         pos += take

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from lampo.io import atomic_path
 from lampo.record import TokenBatch
+from lampo.seeds import derive_seed
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
     adamw_options,
@@ -84,7 +85,8 @@ class MegatronBackend(TrainingBackend):
         self.layout: Layout = layout_for_world(b.tensor_parallel, b.pipeline_parallel, world_size_from_env())
         check_layout(self.layout, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
                      num_layers=self.arch.num_layers, world_size=world_size_from_env())
-        init_parallel(self.layout, seed=cfg.run.seed, use_cuda=self.use_cuda)  # also picks this rank's GPU
+        # also picks this rank's GPU
+        init_parallel(self.layout, seed=derive_seed(cfg.run.seed, "init"), use_cuda=self.use_cuda)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
