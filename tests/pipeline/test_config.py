@@ -201,8 +201,8 @@ def test_dist_init_passes_the_timeout_to_the_default_group(fake_group, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dist.init(420)
-    ((args, kwargs),) = fake_group.calls
-    assert args == ("gloo",) and kwargs["timeout"] == timedelta(minutes=420)
+    ((args, kwargs),) = fake_group.calls  # the one process-group init, as the backends' (torchrun's env:// group)
+    assert args == ("gloo",) and kwargs["timeout"] == timedelta(minutes=420) and kwargs["init_method"] == "env://"
     assert dist.collective_timeout() == timedelta(minutes=420) and dist.collective_timeout_minutes() == 420
 
 
@@ -263,13 +263,10 @@ def test_megatron_groups_get_the_timeout(fake_group, monkeypatch):
 
 
 @pytest.mark.parametrize("torchrun", [True, False])
-def test_deepspeed_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
+def test_a_backends_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
     from datetime import timedelta
 
-    import torch
-
     from pipeline import dist
-    from pipeline.backends.deepspeed_backend import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     dist.init(300)
@@ -278,6 +275,6 @@ def test_deepspeed_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
     else:
         monkeypatch.delenv("RANK", raising=False)
         monkeypatch.delenv("WORLD_SIZE", raising=False)
-    init_distributed(torch.device("cpu"))
+    dist.init_process_group(use_cuda=False)  # what every backend calls (the deepspeed one included)
     ((_, kwargs),) = fake_group.calls
     assert kwargs["timeout"] == timedelta(minutes=300)

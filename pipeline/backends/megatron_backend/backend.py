@@ -40,10 +40,9 @@ from lampo.record import TokenBatch
 from lampo.seeds import derive_seed
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
-    adamw_options,
+    OptimizerSpec,
     inner_optimizer,
     load_checkpoint_file,
-    lr_schedule,
     move_optimizer_state,
     rng_state,
     set_rng_state,
@@ -102,24 +101,14 @@ class MegatronBackend(TrainingBackend):
         self.reference = self._build(hf_state)[0].eval().requires_grad_(False) if reference else None
         del hf_state, shard
 
-        self.optimizer = self._make_optimizer(lr, weight_decay)
-        self.scheduler = lr_schedule(self.optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     min_lr_ratio=min_lr_ratio)
+        spec = OptimizerSpec.from_config(b, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+        # AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned over
+        # the data-parallel group (ZeRO-1)
+        zero = ps.get_data_parallel_group() if b.distributed_optimizer and self.layout.dp > 1 else None
+        self.optimizer = spec.adamw(self.master.params(), zero_group=zero)
+        self.scheduler = spec.schedule(self.optimizer)
         self.step = 0
-
-    def _make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned
-        over the data-parallel group (ZeRO-1, ``torch.distributed.optim.ZeroRedundancyOptimizer``)."""
-        from megatron.core import parallel_state as ps
-
-        params = self.master.params()
-        kw = adamw_options(self.cfg, lr=lr, weight_decay=weight_decay)
-        if self.cfg.backend.distributed_optimizer and self.layout.dp > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                           process_group=ps.get_data_parallel_group(), **kw)
-        return torch.optim.AdamW(params, **kw)
 
     def _build(self, hf_state: dict[str, Tensor]) -> tuple[torch.nn.Module, dict[str, Tensor]]:
         model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision)
