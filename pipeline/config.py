@@ -147,6 +147,7 @@ class RLConfig:
     prompts_per_iteration: int = 16
     mini_batch_size: int = 64  # sequences per optimizer step
     lr: float = 1e-4
+    min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio over all RL optimizer steps; 1.0: constant lr
     warmup_steps: int = 0
     weight_decay: float = 0.0
     checkpoint_every: int = 5
@@ -403,6 +404,13 @@ def validate(cfg: Config) -> Config:
     for path in ("sft.lr", "rl.lr"):
         v = get_path(cfg, path)
         _check(v > 0, f"{path}={v} must be positive")
+    for path in ("sft.min_lr_ratio", "rl.min_lr_ratio"):
+        v = get_path(cfg, path)
+        _check(0 <= v <= 1, f"{path}={v} must be in [0, 1]: the learning rate decays to lr * {path.split('.')[1]} "
+                            "(1 keeps it constant)")
+    for path in ("sft.warmup_steps", "rl.warmup_steps"):
+        v = get_path(cfg, path)
+        _check(v >= 0, f"{path}={v} must be >= 0")
     _check(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0 for sampling")
     _check(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     _check(0 < cfg.rollout.sglang_mem_fraction < 1,

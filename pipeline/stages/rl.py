@@ -179,7 +179,7 @@ def run(ctx: Context) -> None:
                                                       // rl.mini_batch_size)
     backend = backend_class(cfg.backend.name)(
         cfg, start, lr=rl.lr, total_steps=rl.iterations * steps_per_iter, warmup_steps=rl.warmup_steps,
-        min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
+        min_lr_ratio=rl.min_lr_ratio, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     groups = RolloutGroups.from_config(cfg)
     ctx.log.print(f"[rl] {groups.n_engines} rollout engine(s) of {groups.size} rank(s) each")
     engine = make_engine(cfg, start, ctx.tokenizer, backend) if groups.is_leader else None

@@ -49,6 +49,9 @@ def test_bare_leaf_and_section_keys_resolve():
     (["backend.adam_beta2=1.0"], "backend.adam_beta2=1.0 must be in [0, 1)"),
     (["rollout.sglang_mem_fraction=1.0"], "rollout.sglang_mem_fraction=1.0 must be in (0, 1)"),
     (["rollout.sglang_mem_fraction=0"], "rollout.sglang_mem_fraction=0.0 must be in (0, 1)"),
+    (["rl.min_lr_ratio=1.5"], "rl.min_lr_ratio=1.5 must be in [0, 1]"),
+    (["sft.min_lr_ratio=-0.1"], "sft.min_lr_ratio=-0.1 must be in [0, 1]"),
+    (["rl.warmup_steps=-1"], "rl.warmup_steps=-1 must be >= 0"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
