@@ -11,7 +11,7 @@ The streams (``stream``: its key -> its value; where it is used):
   initial weights (``pipeline.context``); Megatron's model-parallel RNG (``init_parallel``, which adds Megatron's own
   per-rank offsets); the SGLang server's ``random_seed``.
 * ``sft_order``: ``epoch`` -> the ``random.Random`` seed of the string ``"{seed}/{epoch}"``. The order of the SFT
-  examples in each epoch (``batch_indices``, which the SFT stage uses).
+  examples in each epoch, and of the RL prompts (``pipeline.data.batch_indices``).
 * ``rollout``: ``iteration`` -> ``seed * 100_003 + iteration``. The ``SamplingParams.seed`` of an RL iteration's
   rollout; the engines add the request index to it (a shard starting at prompt ``a`` adds ``a * n``:
   ``pipeline.rollout.groups``), so a sequence's seed does not depend on how the prompts are sharded.

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lampo.io import atomic_write_json
+from pipeline.stages import STAGES
 
 
 @contextlib.contextmanager
@@ -125,9 +126,6 @@ def checkpoint_step(path: str | Path) -> int:
     return int(Path(path).name.split("_", 1)[1])
 
 
-STAGE_FOLDERS = {"evaluate": "eval"}  # where a stage writes, when not in a folder of its own name
-
-
 @dataclass
 class StageState:
     """What a stage has done: ``status`` is pending | running | preempted | done (preempted: stopped by a signal at a
@@ -173,7 +171,7 @@ class RunDir:
         f = self.path("state", f"{stage}.json")
         if f.exists():
             f.unlink()
-        shutil.rmtree(self.path(STAGE_FOLDERS.get(stage, stage)), ignore_errors=True)
+        shutil.rmtree(self.path(STAGES[stage].folder), ignore_errors=True)
 
     def clean_partial(self) -> None:
         """Remove half-written checkpoint folders left by a kill (their complete versions are untouched)."""

@@ -15,6 +15,7 @@ import torch
 
 from lampo.advantages import drop_uniform_groups
 from lampo.record import TokenBatch
+from pipeline.rollout import collect
 from pipeline.rollout.groups import RolloutGroups
 from pipeline.stages import rl
 from tests.pipeline.rl_fakes import (
@@ -129,7 +130,7 @@ def sample_key(s) -> tuple[int, ...]:
 def test_generate_keeps_the_engines_tokens_and_logprobs_and_the_rows_fields():
     ctx = make_ctx(*BASE)
     engine = ScriptedEngine(SCRIPT, ctx.tokenizer)
-    batch = rl.generate(ctx, engine, ROWS, it=5)
+    batch = collect.generate(ctx, engine, ROWS, it=5)
     assert [(s.prompt_ids, s.response_ids, s.group) for s in batch.samples] == expected_rows()
     for s in batch.samples:
         row = ROWS[s.group]
