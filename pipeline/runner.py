@@ -29,7 +29,7 @@ from lampo.io import atomic_write_text
 from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.checks import PipelineError
-from pipeline.config import Config, ConfigError, config_diff, load_config
+from pipeline.config import Config, ConfigError, config_diff, load_config, migrate
 from pipeline.context import Context
 from pipeline.logger import Logger
 from pipeline.plan import add_plan_arguments, plan_command
@@ -60,7 +60,7 @@ def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
     saved = rd.path("config.yaml")
     if not saved.exists():
         return
-    old = with_defaults(yaml.safe_load(saved.read_text()) or {}, Config().to_dict())
+    old = with_defaults(migrate(yaml.safe_load(saved.read_text()) or {}), Config().to_dict())  # fields renamed since
     diff = [d for d in config_diff(old, cfg.to_dict()) if not d.startswith(RUN_CONTROL)]
     if diff and not force:
         raise PipelineError(f"run folder {rd.root} was started with a different config:\n  " + "\n  ".join(diff)

@@ -295,7 +295,7 @@ class TrainingBackend(ABC):
             self._move_training_state(to_host=False)
 
     def _offloads(self) -> bool:
-        """Whether :meth:`release_memory` moves anything (on an accelerator with ``backend.colocate_rollout``); a
+        """Whether :meth:`release_memory` moves anything (on an accelerator with ``rollout.colocate``); a
         backend that can move its training state says so here and moves it in :meth:`_move_training_state`."""
         return False
 

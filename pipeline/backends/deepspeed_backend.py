@@ -32,7 +32,7 @@ the standard HF format. A step with a non-finite gradient norm is skipped (no up
 it: ``was_step_applied``), at stage 0 we check before stepping. No fp16 loss scaling is configured (bf16 or fp32
 only), so DeepSpeed never skips a step for a loss-scale overflow that would not be a real fault.
 
-Colocated rollouts (``backend.colocate_rollout``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
+Colocated rollouts (``rollout.colocate``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
 state to the host (``engine.offload_states`` for what DeepSpeed can move, the torch AdamW moments by hand where it
 cannot: stage 0, and stage 3 without DeepSpeed's FusedAdam) and keeps the model weights in place for the weight sync;
 the CPU tests run this branch by faking the device.
@@ -323,7 +323,7 @@ class DeepSpeedBackend(TrainingBackend):
         return [S.optim_states, S.hp_params, S.lp_grads, S.contiguous_grad_buffer]
 
     def _offloads(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.backend.colocate_rollout
+        return self.device.type == "cuda" and self.cfg.rollout.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """To the host: the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient

@@ -158,8 +158,8 @@ def run(ctx: Context) -> None:
 
 @contextlib.contextmanager
 def rollout_phase(cfg, backend: TrainingBackend, engine: RolloutEngine | None):
-    """With ``backend.colocate_rollout``, the trainer frees accelerator memory while the engine holds it, and back."""
-    if not cfg.backend.colocate_rollout:
+    """With ``rollout.colocate``, the trainer frees accelerator memory while the engine holds it, and back."""
+    if not cfg.rollout.colocate:
         yield
         return
     backend.release_memory()

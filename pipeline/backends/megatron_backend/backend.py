@@ -18,7 +18,7 @@ weights for the optimizer and gradients accumulated and reduced in fp32 (:mod:`.
 megatron-core's full uniform recomputation; ``distributed_optimizer`` partitions the AdamW state over data-parallel
 ranks (ZeRO-1, torch's ``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``);
 ``sequence_parallel`` splits the activations outside attention and MLP along the sequence over TP ranks (sequences
-padded to a multiple of TP); ``colocate_rollout`` moves the optimizer state, the separate fp32 masters and the
+padded to a multiple of TP); ``rollout.colocate`` moves the optimizer state, the separate fp32 masters and the
 reference model to the host around rollouts (on CUDA only; the CPU tests run that branch by forcing it). All of these,
 and TP/PP/DP, are tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend.
 """
@@ -302,8 +302,8 @@ class MegatronBackend(TrainingBackend):
 
     # --- colocated rollouts -------------------------------------------------------------------------------------------
     def _offloads(self) -> bool:
-        """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``colocate_rollout``."""
-        return self.use_cuda and self.cfg.backend.colocate_rollout
+        """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``rollout.colocate``."""
+        return self.use_cuda and self.cfg.rollout.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """The optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local optimizer's),
