@@ -152,8 +152,8 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int, min_new_to
         t1, c1 = time.perf_counter(), time.process_time()
         collect.score(reward_fn, batch)
         t2, c2 = time.perf_counter(), time.process_time()
-        tb, _ = rl_stage.advantages(ctx, backend, batch)
-        rl_stage.update(ctx, backend, tb, it)
+        tokens, _ = rl_stage.advantages(ctx, backend, batch)
+        rl_stage.update(ctx, backend, tokens, it)
         rl_stage.sync_weights(backend, engine, RolloutGroups(world_size=1, rank=0, size=1))
         t3, c3 = time.perf_counter(), time.process_time()
         if it >= warmup:

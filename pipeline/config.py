@@ -511,10 +511,6 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     return validate(_build(Config, data))
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    return validate(_build(Config, data))
-
-
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable differences between two config dicts: ``path: old -> new``."""
     out = []

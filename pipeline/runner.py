@@ -132,7 +132,7 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
             for name in stages[stages.index(from_stage):]:
                 rd.reset_stage(name)
         dist.barrier()
-    ctx = Context(cfg, rd, Logger(rd.tb))
+    ctx = Context(cfg, rd, Logger(rd.tensorboard))
     try:
         # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
         ctx.tokenizer  # noqa: B018 - a cached property, read for its effect

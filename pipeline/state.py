@@ -151,7 +151,7 @@ class RunDir:
         return self.root.joinpath(*parts)
 
     @property
-    def tb(self) -> Path:
+    def tensorboard(self) -> Path:
         return self.path("tensorboard")
 
     def state(self, stage: str) -> StageState:

@@ -136,8 +136,10 @@ def run(ctx: Context) -> None:
             local = collect(ctx, engine, reward_fn, groups, prompts, it) if engine is not None else None
         batch, m = gather_shards(all_gather(local, groups))
         t = time.perf_counter()
-        tb, adv_m = advantages(ctx, backend, batch)
-        m.update(adv_m, **update(ctx, backend, tb, it))
+        # the token batch (called ``tb`` inside advantages() and update(), not renamed there while they are edited
+        # elsewhere; ``tb`` is otherwise TensorBoard's)
+        tokens, adv_m = advantages(ctx, backend, batch)
+        m.update(adv_m, **update(ctx, backend, tokens, it))
         m["time_training"] = time.perf_counter() - t
         m.update(batch_stats(batch, m, rl.reward.outcome))
         if dist.is_main():
