@@ -162,6 +162,13 @@ def cycles(graph: dict[str, dict[str, tuple[str, int]]]) -> list[list[str]]:
     return found
 
 
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    """A fake project under ``root``: ``{relative path: text}``."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
 def test_layering_is_one_way():
     bad = layering_violations()
     assert not bad, "imports against the layering lampo <- evaluation <- pipeline (tests/test_layering.py):\n" + \
@@ -192,9 +199,7 @@ def test_the_checks_see_every_kind_of_import(tmp_path):
         "pipeline/p.py": "from pipeline import q\n",
         "pipeline/q.py": "def g():\n    from pipeline.p import r\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    write_tree(tmp_path, files)
     assert layering_violations(tmp_path) == [
         "evaluation/c.py:2 imports pipeline.config",
         "lampo/a.py:2 imports pipeline.q",
@@ -240,9 +245,7 @@ def test_the_stage_check_sees_every_kind_of_import(tmp_path):
         "pipeline/stages/rollout.py": "from pipeline.stages import rl\n",
         "pipeline/stages/evaluate.py": "from . import sft\nimport pipeline.stages.rollout\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    write_tree(tmp_path, files)
     assert stage_cross_imports(tmp_path) == [
         "pipeline/stages/evaluate.py:1 imports pipeline.stages.sft",
         "pipeline/stages/evaluate.py:2 imports pipeline.stages.rollout",
