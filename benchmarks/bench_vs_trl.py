@@ -11,7 +11,7 @@ responses end at EOS, and then the sides' token counts usually differ), scored b
 (``configs/tiny.yaml``'s ``rl.reward``, through ``lampo.rewards.build_reward``), then one pass of optimizer steps over
 mini-batches of 64 sequences (micro-batch 64). These shape settings are pinned here, the rest comes from tiny.yaml.
 
-* ours: the functions of ``pipeline.stages.rl`` (``generate`` -> ``score`` -> ``advantages`` -> ``update`` ->
+* ours: the functions of the RL stage (``generate`` -> ``score`` -> ``advantages`` -> ``update`` ->
   ``sync_weights``) on the HF rollout engine and the torch backend, configured from ``configs/tiny.yaml``, built as
   ``pipeline.stages.rl.run`` builds them (the engine samples from the trainer's model: ``make_engine``).
 * TRL: ``GRPOTrainer`` on the same checkpoint and the same prompts in the same order, configured to do the same work:
@@ -90,7 +90,7 @@ def bench_config(model_dir: str, run_dir: str):
 def iteration_rows(cfg, total: int) -> list[list[dict]]:
     """The prompts of iterations 0..total-1, chosen exactly as ``pipeline.stages.rl.run`` chooses them."""
     from evaluation.tiny_task import make_split
-    from pipeline.stages.sft import batch_indices
+    from pipeline.data import batch_indices
 
     rows = make_split("train", cfg.data.tiny_train_size, seed=cfg.run.seed)
     return [[rows[i] for i in batch_indices(len(rows), cfg.rl.prompts_per_iteration, it, cfg.run.seed)]
@@ -122,6 +122,7 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int, min_new_to
     from pipeline.backends import backend_class
     from pipeline.context import Context
     from pipeline.logger import Logger
+    from pipeline.rollout import collect
     from pipeline.rollout.groups import RolloutGroups
     from pipeline.stages import rl as rl_stage
     from pipeline.state import RunDir
@@ -134,7 +135,7 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int, min_new_to
     total = warmup + iterations
     backend = backend_class(cfg.backend.name)(
         cfg, model_dir, lr=rl.lr, total_steps=total * steps_per_iter, warmup_steps=rl.warmup_steps,
-        min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
+        min_lr_ratio=rl.min_lr_ratio, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     engine = rl_stage.make_engine(cfg, model_dir, ctx.tokenizer, backend)
     if min_new_tokens:  # the RL stage's SamplingParams, with EOS suppressed until min_new_tokens
         sample = engine.generate
@@ -147,12 +148,12 @@ def run_ours(model_dir: str, work: str, warmup: int, iterations: int, min_new_to
     setup_rss = rss_mib()
     for it in range(total):
         c0, t0, s0 = time.process_time(), time.perf_counter(), steps[0]
-        batch = rl_stage.generate(ctx, engine, prompts[it], it)
+        batch = collect.generate(ctx, engine, prompts[it], it)
         t1, c1 = time.perf_counter(), time.process_time()
-        rl_stage.score(reward_fn, batch)
+        collect.score(reward_fn, batch)
         t2, c2 = time.perf_counter(), time.process_time()
-        tb, _ = rl_stage.advantages(ctx, backend, batch)
-        rl_stage.update(ctx, backend, tb, it)
+        tokens, _ = rl_stage.advantages(ctx, backend, batch)
+        rl_stage.update(ctx, backend, tokens, it)
         rl_stage.sync_weights(backend, engine, RolloutGroups(world_size=1, rank=0, size=1))
         t3, c3 = time.perf_counter(), time.process_time()
         if it >= warmup:

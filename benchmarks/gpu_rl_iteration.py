@@ -62,7 +62,7 @@ def make_config(model_path: Path, args: argparse.Namespace, gpu: bool):
 
     overrides = [f"model.path={model_path}", f"backend={args.backend}", f"backend.micro_batch_size={args.micro_batch}",
                  f"rollout.batch_size={args.prompts * args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
-                 f"rollout.n_samples={args.samples}", "backend.colocate_rollout=false", "run.progress=false"]
+                 f"rollout.n_samples={args.samples}", "rollout.colocate=false", "run.progress=false"]
     if gpu:
         overrides += ["model.dtype=bfloat16", "backend.bf16=true"]
     return validate_names(load_config(None, overrides))

@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lampo.io import atomic_write_json
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -189,9 +191,7 @@ class Study:
                       "seeds": old["seeds"] + [s for s in new["seeds"] if s not in old["seeds"]]}
             new = merged
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, new, ensure_ascii=True)
 
     # ---- folders
     @property

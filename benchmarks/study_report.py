@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lampo.io import atomic_write_text
+
 # training metrics (TensorBoard tags under rl/) plotted for stability, and LamPO's pairwise diagnostics
 STABILITY = {"reward_std": "reward std within the batch", "entropy": "token entropy", "response_len_mean":
              "mean response length (tokens)", "approx_kl": "approx. KL(old || new)", "clip_frac": "clipped fraction "
@@ -414,9 +416,7 @@ def write_report(study_dir: str | Path, arms: list[str] | None = None, out: str 
     plots = plot(data, out / "plots")
     for name, text in (("results.json", json.dumps(data, indent=1, default=float) + "\n"),
                        ("report.md", render(data, plots))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write_text(out / name, text)
     return out / "report.md"
 
 

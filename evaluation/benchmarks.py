@@ -15,7 +15,6 @@ problem in the user turn, and for GPQA-Diamond the same instruction asking for t
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from evaluation.data import (
 )
 from evaluation.tiny_task import TINY_HELDOUT_DEFAULT, make_split
 from lampo.registry import Registry
+from lampo.seeds import derive_seed
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = (
@@ -147,9 +147,8 @@ def shuffled_choices(question: str, correct: str, incorrect: list[str], seed: in
     on every machine and run, and does not change when rows are reordered or filtered.
     """
     options = [correct, *incorrect]
-    digest = hashlib.sha256(f"{seed}\x00{question}".encode()).digest()
     order = list(range(len(options)))
-    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    random.Random(derive_seed(seed, "choices", question)).shuffle(order)
     shuffled = [options[i] for i in order]
     return shuffled, "ABCD"[order.index(0)]
 

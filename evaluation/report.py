@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lampo.io import atomic_write_text
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
@@ -47,10 +49,7 @@ def render_report(results: dict[str, Any]) -> str:
 
 
 def write_report(path: str | Path, results: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(results), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render_report(results))
 
 
 def scalars(results: dict[str, Any], prefix: str = "eval") -> dict[str, float]:

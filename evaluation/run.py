@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ from evaluation.grading import GRADERS
 from evaluation.metrics import breakdown, length_stats, majority_correct, score_metrics
 from evaluation.prompts import PROMPT_STYLES, encode_prompt
 from evaluation.report import write_report
+from lampo.io import atomic_write_json, atomic_write_text
+from lampo.seeds import derive_seed
 
 log = logging.getLogger("evaluation")
 
@@ -113,7 +114,7 @@ def evaluate(
             results["benchmarks"][lb.benchmark.name] = summarize(lb, records, samples, timeout_s)
     if shard is not None:
         return None
-    write_json_atomic(out / "results.json", results)
+    atomic_write_json(out / "results.json", results, allow_nan=False)
     write_report(out / "report.md", results)
     return results
 
@@ -155,7 +156,7 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
     with open(partial, "a", encoding="utf-8") as f:
         for chunk in chunks:
             prompts = [encode_prompt(tokenizer, p.text, chat=b.chat, style=style) for _, p in chunk]
-            batch_seed = (settings["seed"] * 1_000_003 + zlib.crc32(b.name.encode()) + chunk[0][0]) % 2**31
+            batch_seed = derive_seed(settings["seed"], "eval", b.name, chunk[0][0])
             gens = engine.generate(prompts, SamplingParams(**params, seed=batch_seed))
             by_prompt: list[list[Any]] = [[] for _ in chunk]
             for g in gens:
@@ -178,7 +179,7 @@ def run_benchmark(engine: RolloutEngine, tokenizer: Any, lb: LoadedBenchmark, se
     if shard is not None:
         return None
     records = [done[p.id] for p in lb.problems]
-    _write_lines_atomic(folder / FINAL, [json.dumps(r, ensure_ascii=False) + "\n" for rs in records for r in rs])
+    atomic_write_text(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for rs in records for r in rs))
     for f in folder.glob(PARTIALS):
         f.unlink(missing_ok=True)
     return records
@@ -202,7 +203,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
             raise ResumeMismatch(f"{path.parent} holds responses generated with other settings ({'; '.join(diff)}); "
                                  "use another output folder, or delete this one to start over")
         return
-    write_json_atomic(path, meta)
+    atomic_write_json(path, meta, allow_nan=False)  # shards may write it at once: each rename is whole
 
 
 def _load_done(folder: Path, k: int, own: Path) -> dict[str, list[dict[str, Any]]]:
@@ -223,7 +224,7 @@ def _load_done(folder: Path, k: int, own: Path) -> dict[str, list[dict[str, Any]
                 torn += 1
         if torn and path == own:
             log.warning("%s: dropped %d torn line(s) from an interrupted run", path, torn)
-            _write_lines_atomic(path, good)
+            atomic_write_text(path, "".join(good))
     return {pid: [s[i] for i in range(k)] for pid, s in by_id.items() if set(s) == set(range(k))}
 
 
@@ -260,22 +261,3 @@ def summarize(lb: LoadedBenchmark, records: list[list[dict[str, Any]]], k: int, 
         if any(key != "unknown" for key in keys):
             out["breakdown"][field_name] = breakdown(correct, keys)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# files
-
-
-def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    """Write to a temporary name of this process's own, then rename: shards of one evaluation may write the same
-    file (meta.json) at once, and each rename is whole."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_lines_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"])

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from lampo.seeds import derive_seed
+
 SPLITS = ("train", "heldout")
 NUM_OPS = 3  # operations per problem (so 4 operands and 3 solution steps)
 MAX_OPERAND = 9  # operands are drawn from 0..MAX_OPERAND
@@ -95,7 +97,7 @@ def make_split(split: str, n: int, seed: int = 0, ops: int = NUM_OPS) -> list[di
     if n > capacity:
         raise ValueError(f"n={n} is more than the {split} split supports ({capacity}); ask for fewer problems")
     name = "tiny" if ops == NUM_OPS else f"tiny{ops}"
-    rng = random.Random(f"lampo-tiny/{split}/{seed}" if ops == NUM_OPS else f"lampo-tiny{ops}/{split}/{seed}")
+    rng = random.Random(derive_seed(seed, "tiny_split", name, split))
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(rows) < n:

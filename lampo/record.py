@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lampo.io import atomic_open
+
 
 @dataclass
 class TokenBatch:
@@ -163,13 +165,10 @@ class RolloutBatch:
 
     # --- persistence: JSON Lines, one sample a line, so rollouts can be kept, read by eye and replayed ---------------
     def save(self, path: str | Path) -> None:
-        """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        """Write atomically (:func:`lampo.io.atomic_open`: temporary file, fsync, then rename)."""
+        with atomic_open(path) as f:
             for s in self.samples:
                 f.write(json.dumps(s.__dict__, ensure_ascii=False) + "\n")
-        tmp.replace(path)
 
     @staticmethod
     def load(path: str | Path) -> RolloutBatch:

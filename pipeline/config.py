@@ -20,6 +20,7 @@ import json
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ class RolloutConfig:
     max_new_tokens: int = 64
     batch_size: int = 64  # sequences generated at once
     sglang_mem_fraction: float = 0.5
+    # the rollout engines and the trainer share the GPUs and take turns: around each rollout the trainer releases its
+    # accelerator memory (optimizer state, ...) and the engine takes its own back, then the reverse (no-op on CPU).
+    # False: both hold their memory at once (the trainer's step must fit beside SGLang's share). Formerly
+    # backend.colocate_rollout (still read, with a warning)
+    colocate: bool = True
     # ranks (GPUs) per rollout engine; the world holds world_size / tensor_parallel engines, colocated with the trainer,
     # each started by the first rank of its group, and every iteration's prompts are split across them
     tensor_parallel: int = 1
@@ -150,6 +156,7 @@ class RLConfig:
     prompts_per_iteration: int = 16
     mini_batch_size: int = 64  # sequences per optimizer step
     lr: float = 1e-4
+    min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio over all RL optimizer steps; 1.0: constant lr
     warmup_steps: int = 0
     weight_decay: float = 0.0
     checkpoint_every: int = 5
@@ -177,7 +184,6 @@ class BackendConfig:
     zero_stage: int = 2  # deepspeed only
     offload_optimizer: bool = False  # deepspeed only
     bf16: bool = False  # GPU only
-    colocate_rollout: bool = True  # release training memory around rollouts
 
 
 @dataclass
@@ -336,8 +342,50 @@ def _section_paths(cls: type, prefix: str = "") -> set[str]:
     return out
 
 
+# Fields that moved: old dotted path -> new one. A config that uses the old name (a YAML file, a saved run's
+# config.yaml, an override) is read as the new one, with a deprecation warning.
+RENAMED = {"backend.colocate_rollout": "rollout.colocate"}
+
+
+def _renamed(old: str, new: str, value: Any = None, *, show_value: bool = True) -> None:
+    what = f" (read as {new}={value!r})" if show_value else ""
+    warnings.warn(f"config field {old} is deprecated: it is now {new}{what}; rename it in the config", FutureWarning,
+                  stacklevel=3)
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config dict ``data`` with every field of :data:`RENAMED` moved to its new place (warning once each);
+    setting both the old and the new name to different values is refused."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for p in new_parents:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot move {old} to {new}: {p} is not a section")
+        if new_leaf in target and target[new_leaf] != value:
+            raise ConfigError(f"{old} (the old name of {new}) is {value!r} but {new} is {target[new_leaf]!r}; "
+                              f"set {new} only")
+        target[new_leaf] = value
+        _renamed(old, new, value)
+    return data
+
+
 def resolve_key(key: str) -> str:
-    """Turn an override key into a full dotted path (see the module docstring)."""
+    """Turn an override key into a full dotted path (see the module docstring); an old name of :data:`RENAMED`, dotted
+    or bare, becomes the new path (with a deprecation warning)."""
+    for old, new in RENAMED.items():
+        if key in (old, old.rsplit(".", 1)[1]):
+            _renamed(old, new, show_value=False)
+            return new
     leaves = _leaf_paths(Config)
     sections = _section_paths(Config)
     if key in leaves:
@@ -406,6 +454,13 @@ def validate(cfg: Config) -> Config:
     for path in ("sft.lr", "rl.lr"):
         v = get_path(cfg, path)
         _check(v > 0, f"{path}={v} must be positive")
+    for path in ("sft.min_lr_ratio", "rl.min_lr_ratio"):
+        v = get_path(cfg, path)
+        _check(0 <= v <= 1, f"{path}={v} must be in [0, 1]: the learning rate decays to lr * {path.split('.')[1]} "
+                            "(1 keeps it constant)")
+    for path in ("sft.warmup_steps", "rl.warmup_steps"):
+        v = get_path(cfg, path)
+        _check(v >= 0, f"{path}={v} must be >= 0")
     _check(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0 for sampling")
     _check(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     one_of(cfg.rollout.hf_decode, ("loop", "generate"), "rollout.hf_decode")
@@ -456,11 +511,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    return validate(_build(Config, data))
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
+    data = apply_overrides(migrate(data), overrides or [])
     return validate(_build(Config, data))
 
 

@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend
 from pipeline.backends.base import NonFiniteSteps
@@ -17,6 +18,7 @@ from pipeline.config import Config
 from pipeline.faults import fault_point
 from pipeline.logger import Logger
 from pipeline.models import load_tokenizer, resolve_model_path
+from pipeline.stages import STAGES, TRAINING_STAGES
 from pipeline.state import (
     RunDir,
     StageState,
@@ -71,7 +73,7 @@ class Context:
         if dist.is_main() and not (path / "config.json").exists():
             from pipeline.tiny.model import create_tiny_checkpoint
 
-            create_tiny_checkpoint(path, self.cfg.model.tiny, seed=self.cfg.run.seed)
+            create_tiny_checkpoint(path, self.cfg.model.tiny, seed=derive_seed(self.cfg.run.seed, "init"))
         dist.barrier()
         return path
 
@@ -84,21 +86,23 @@ class Context:
         return self.tokenizer.pad_token_id
 
     def stage_input(self, stage: str) -> Path:
-        """The checkpoint a stage starts from: the newest finished output of an earlier stage, else the base model."""
-        order = ["sft", "rl"]
+        """The checkpoint a stage starts from: the newest finished output of an earlier training stage, else the base
+        model."""
+        order = list(TRAINING_STAGES)
         for prev in reversed(order[: order.index(stage)] if stage in order else order):
             st = self.rd.state(prev)
             if st.status == "done" and st.output:
                 return self.rd.path(st.output)
         return self.base_model
 
-    def begin_stage(self, backend: TrainingBackend, st: StageState, unit: str) -> None:
+    def begin_stage(self, backend: TrainingBackend, st: StageState) -> None:
         """Resume ``backend`` from the stage's newest good checkpoint, if any, and mark the stage running.
 
         The checkpoint the stage state points at, then the older ones beside it, are checked against their manifests
         (by the main rank, whose choice every rank follows): one that is missing, has no manifest or does not match it
         is reported (naming the file and what is wrong) and skipped for the previous one, and the stage resumes from
         that one's step. With none good, the stage starts over from its input."""
+        unit = STAGES[st.name].unit
         if st.checkpoint:
             good = dist.broadcast(self._newest_good_checkpoint(st) if dist.is_main() else None)
             if good is None:
@@ -113,8 +117,8 @@ class Context:
         if dist.is_main():
             self.rd.save_state(st)
 
-    def preemption_point(self, backend: TrainingBackend, st: StageState, step: int, unit: str) -> None:
-        """A safe point of a training stage, every rank, once ``step`` steps (``unit``: step, iteration) are complete
+    def preemption_point(self, backend: TrainingBackend, st: StageState, step: int) -> None:
+        """A safe point of a training stage, every rank, once ``step`` steps (its unit: step, iteration) are complete
         and before the next one starts. Returns at once unless a stop was requested on some rank
         (:func:`pipeline.preempt.agreed`: one small collective, none in one process); then writes a checkpoint at
         ``step`` (unless the stage has just written it), records the preemption in the stage state and raises
@@ -123,9 +127,18 @@ class Context:
             return
         if not (st.checkpoint and checkpoint_step(st.checkpoint) == step):
             self.save_checkpoint(backend, st, step)
-        where = f"at {unit} {step}"
+        where = f"at {STAGES[st.name].unit} {step}"
         self.record_preemption(st, where)
         raise preempt.Preempted(st.name, where, st.checkpoint)
+
+    def finish_stage(self, st: StageState, output: Path, step: int | None = None) -> None:
+        """Mark the stage done (every rank) with its product ``output`` (a path in the run folder) and, for a training
+        stage, its final ``step``; the main rank writes the state file. Later stages and reruns read it from there."""
+        st.status, st.output = "done", str(Path(output).relative_to(self.rd.root))
+        if step is not None:
+            st.step = step
+        if dist.is_main():
+            self.rd.save_state(st)
 
     def record_preemption(self, st: StageState, where: str) -> None:
         """Mark the stage preempted in its state file (main rank): the signal, where, when."""
@@ -147,7 +160,7 @@ class Context:
         """The error that stops a stage after too many non-finite steps in a row (``e``, from the backend): where,
         and the checkpoint to resume from (every checkpoint is good: a skipped step changes no weight)."""
         st = self.rd.state(stage)
-        unit = {"rl": "iteration"}.get(stage, "step")
+        unit = STAGES[stage].unit
         resume = (f"The last good checkpoint is {st.checkpoint} ({unit} {st.step}): the same command resumes from it"
                   if st.checkpoint else f"There is no {stage} checkpoint yet: the same command starts the stage over "
                   f"from {self.stage_input(stage)}")

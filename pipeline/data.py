@@ -2,11 +2,13 @@
 ``{"id", "problem", "answer", "solution"}`` through the configured field names."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evaluation.data import BenchmarkDataError, HubSource, parse_hub, read_hub, read_local
 from evaluation.tiny_task import make_split
+from lampo.seeds import derive_seed
 from pipeline.checks import PipelineError
 
 if TYPE_CHECKING:
@@ -76,3 +78,19 @@ def format_prompt(row: Row, cfg: Config, tokenizer: Any) -> list[int]:
     else:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     return list(ids)[-cfg.data.max_prompt_tokens:]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the ``step``-th batch of an endless sequence of shuffled epochs over ``n`` examples: a function of
+    ``(seed, step)`` alone, so a resumed stage sees the batches it would have seen. The SFT stage draws its examples
+    with it, the RL stage each iteration's prompts (seed stream ``sft_order``, :mod:`lampo.seeds`)."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(derive_seed(seed, "sft_order", epoch)).shuffle(perm)
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset:offset + take]
+        pos += take
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -58,11 +59,34 @@ def init(timeout_min: float | None = None) -> None:
         _timeout = timedelta(minutes=timeout_min)
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
-    if torch.cuda.is_available():
+    init_process_group(use_cuda=torch.cuda.is_available())
+
+
+def init_process_group(use_cuda: bool) -> None:
+    """The one process-group init: join the ``torch.distributed`` group that torchrun describes (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT), or start a one-process group on a free local port when they are absent (a backend
+    built in a plain ``python`` process); no-op when a group exists already.
+
+    NCCL on CUDA (after selecting the GPU of LOCAL_RANK), gloo on the CPU; the group gets the configured collective
+    timeout (:func:`collective_timeout`). :func:`init` (the runner) calls it under torchrun, the backends always.
+    """
+    if dist.is_initialized():
+        return
+    if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl", timeout=collective_timeout())
-    else:
-        dist.init_process_group("gloo", timeout=collective_timeout())
+    backend = "nccl" if use_cuda else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
+        return
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=collective_timeout())
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def broadcast(obj: Any) -> Any:

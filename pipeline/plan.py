@@ -61,7 +61,7 @@ engine groups. SGLang sizes its share once, when it starts, from what the traine
 (Megatron), the weights and fp32 master partitions (DeepSpeed), the weights (torch), plus any reference model. The
 share holds the engine's weights, ``e*P/k`` per GPU, and its KV cache, ``2*L*max(1, n_kv/k)*d*e`` bytes per token per
 GPU, so ``floor((share - e*P/k) / (KV_token * (prompt + new)))`` sequences of full length run at once per engine. With
-``backend.colocate_rollout`` trainer and engine take turns on a GPU: during a rollout the trainer keeps what it does
+``rollout.colocate`` trainer and engine take turns on a GPU: during a rollout the trainer keeps what it does
 not move to the host (Megatron: its model weights; DeepSpeed ZeRO 1-3: nothing but a reference model,
 ``offload_states``; ZeRO-0 and torch: everything), and during training SGLang has released its memory; a GPU then holds
 ``kept + share + reserve``. Without colocation it holds ``training peak + share`` at once. The HF engine (CPU, tests)
@@ -431,7 +431,7 @@ def make_plan(cfg: Config, cluster: Cluster, model_config: dict[str, Any], sourc
             problems.append(f"rollout: the KV cache of {_gib(kv_budget)} GiB per GPU holds less than one sequence of "
                             f"{rl_len} tokens ({_gib(kv_token * rl_len)} GiB); raise rollout.sglang_mem_fraction or "
                             "shorten the sequences")
-        if b.colocate_rollout:
+        if cfg.rollout.colocate:
             held = retained_in_rollout + share + reserve
             out.append(f"          colocated: during a rollout a GPU holds the trainer's {_gib(retained_in_rollout)} "
                        f"GiB + SGLang {_gib(share)} + reserve {RESERVE_GIB:g} = {_gib(held)} GiB")

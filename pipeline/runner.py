@@ -25,14 +25,16 @@ import uuid
 import torch
 import yaml
 
+from lampo.io import atomic_write_text
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.checks import PipelineError
-from pipeline.config import Config, ConfigError, config_diff, load_config
+from pipeline.config import Config, ConfigError, config_diff, load_config, migrate
 from pipeline.context import Context
 from pipeline.logger import Logger
 from pipeline.plan import add_plan_arguments, plan_command
 from pipeline.stages import stage_fn
-from pipeline.state import RunDir, atomic_write_text
+from pipeline.state import RunDir
 from pipeline.validate import validate_cluster, validate_names
 
 # where a rank posts its stop request for the others (shared run folder; see pipeline.preempt)
@@ -58,7 +60,7 @@ def check_same_config(rd: RunDir, cfg: Config, force: bool) -> None:
     saved = rd.path("config.yaml")
     if not saved.exists():
         return
-    old = with_defaults(yaml.safe_load(saved.read_text()) or {}, Config().to_dict())
+    old = with_defaults(migrate(yaml.safe_load(saved.read_text()) or {}), Config().to_dict())  # fields renamed since
     diff = [d for d in config_diff(old, cfg.to_dict()) if not d.startswith(RUN_CONTROL)]
     if diff and not force:
         raise PipelineError(f"run folder {rd.root} was started with a different config:\n  " + "\n  ".join(diff)
@@ -130,7 +132,7 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
             for name in stages[stages.index(from_stage):]:
                 rd.reset_stage(name)
         dist.barrier()
-    ctx = Context(cfg, rd, Logger(rd.tb))
+    ctx = Context(cfg, rd, Logger(rd.tensorboard))
     try:
         # resolve the base model and tokenizer on every rank now: creating the tiny model is collective
         ctx.tokenizer  # noqa: B018 - a cached property, read for its effect
@@ -140,7 +142,7 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
                 continue
             if preempt.agreed():  # a safe point: the stages before are done, this one has not started
                 raise preempt.Preempted(name, "before it started", None)
-            torch.manual_seed(cfg.run.seed)
+            torch.manual_seed(derive_seed(cfg.run.seed, "init"))
             stage_fn(name)(ctx)
             dist.barrier()  # the main rank has written this stage's state: every rank reads it before going on
     finally:

@@ -1,8 +1,8 @@
 """The run folder: atomic writes, per-stage state files and checkpoint bookkeeping.
 
 A kill at any moment leaves every file either at its old or at its new content: files are written to a temporary
-name and renamed; a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a stage's state file
-points at a checkpoint only after that rename.
+name and renamed (:mod:`lampo.io`); a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a stage's
+state file points at a checkpoint only after that rename.
 
 Every checkpoint folder holds a ``MANIFEST.json``, written last (after every rank's files): the relative path, size
 and sha256 of each file in it. A checkpoint is usable only when its manifest is present and matches the folder
@@ -22,20 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+from lampo.io import atomic_write_json
+from pipeline.stages import STAGES
 
 
 @contextlib.contextmanager
@@ -138,9 +126,6 @@ def checkpoint_step(path: str | Path) -> int:
     return int(Path(path).name.split("_", 1)[1])
 
 
-STAGE_FOLDERS = {"evaluate": "eval"}  # where a stage writes, when not in a folder of its own name
-
-
 @dataclass
 class StageState:
     """What a stage has done: ``status`` is pending | running | preempted | done (preempted: stopped by a signal at a
@@ -166,7 +151,7 @@ class RunDir:
         return self.root.joinpath(*parts)
 
     @property
-    def tb(self) -> Path:
+    def tensorboard(self) -> Path:
         return self.path("tensorboard")
 
     def state(self, stage: str) -> StageState:
@@ -186,7 +171,7 @@ class RunDir:
         f = self.path("state", f"{stage}.json")
         if f.exists():
             f.unlink()
-        shutil.rmtree(self.path(STAGE_FOLDERS.get(stage, stage)), ignore_errors=True)
+        shutil.rmtree(self.path(STAGES[stage].folder), ignore_errors=True)
 
     def clean_partial(self) -> None:
         """Remove half-written checkpoint folders left by a kill (their complete versions are untouched)."""

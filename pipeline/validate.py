@@ -292,7 +292,7 @@ def check_memory(cfg: Config, shape: ModelShape, world_size: int, gpu_memory: in
     SGLang sizes its KV cache once, at start, from ``rollout.sglang_mem_fraction`` of the memory then free (sglang
     0.5.21, ``kv_cache_configurator._profile_available_bytes``): its weights (split over ``rollout.tensor_parallel``
     GPUs) must fit in that share with room to spare. In the RL stage the trainer is built first and keeps its weights
-    there. With ``backend.colocate_rollout`` the two take turns (each releases its memory while the other runs);
+    there. With ``rollout.colocate`` the two take turns (each releases its memory while the other runs);
     without it they hold their memory at once, so the trainer's optimizer step must fit in what SGLang's share leaves.
     Checked only where the GPU's memory is known (``gpu_memory`` bytes), against lower bounds of what each side needs
     (weights and optimizer state; no activations), so only combinations that cannot work are refused."""
@@ -312,7 +312,7 @@ def check_memory(cfg: Config, shape: ModelShape, world_size: int, gpu_memory: in
                         f"than the {_gib(weights)} of {cfg.model.dtype} weights{split} of model.path={shape.name!r} "
                         "(no room for SGLang's KV cache); raise rollout.sglang_mem_fraction")
     if "rl" in _stages(cfg):
-        if b.colocate_rollout:
+        if cfg.rollout.colocate:
             if trainer.training > gpu_memory:
                 problems.append(f"backend.name={b.name}: the trainer needs at least {_gib(trainer.training)} per GPU "
                                 f"(weights and optimizer state) but a GPU has {_gib(gpu_memory)}; use more model or "
@@ -320,10 +320,10 @@ def check_memory(cfg: Config, shape: ModelShape, world_size: int, gpu_memory: in
         else:
             left = gpu_memory - share
             if trainer.training > left:
-                problems.append(f"backend.colocate_rollout=false: SGLang keeps rollout.sglang_mem_fraction="
+                problems.append(f"rollout.colocate=false: SGLang keeps rollout.sglang_mem_fraction="
                                 f"{r.sglang_mem_fraction}{beside} ({_gib(share)}) while the trainer steps, leaving "
                                 f"{_gib(left)}, less than the trainer's {_gib(trainer.training)} (weights and "
-                                "optimizer state); set backend.colocate_rollout=true or lower the fraction")
+                                "optimizer state); set rollout.colocate=true or lower the fraction")
     return problems
 
 

@@ -162,6 +162,13 @@ def cycles(graph: dict[str, dict[str, tuple[str, int]]]) -> list[list[str]]:
     return found
 
 
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    """A fake project under ``root``: ``{relative path: text}``."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
 def test_layering_is_one_way():
     bad = layering_violations()
     assert not bad, "imports against the layering lampo <- evaluation <- pipeline (tests/test_layering.py):\n" + \
@@ -192,9 +199,7 @@ def test_the_checks_see_every_kind_of_import(tmp_path):
         "pipeline/p.py": "from pipeline import q\n",
         "pipeline/q.py": "def g():\n    from pipeline.p import r\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    write_tree(tmp_path, files)
     assert layering_violations(tmp_path) == [
         "evaluation/c.py:2 imports pipeline.config",
         "lampo/a.py:2 imports pipeline.q",
@@ -204,6 +209,49 @@ def test_the_checks_see_every_kind_of_import(tmp_path):
     ]
     found = cycles(import_graph(tmp_path))
     assert found == [["pipeline.p", "pipeline.q"]]  # through an import inside a function
+
+
+def stage_cross_imports(root: Path = ROOT) -> list[str]:
+    """``file:line imports X`` for every import of one stage module (``pipeline/stages/<name>.py``) by another: what
+    two stages share lives outside ``pipeline/stages`` (the package ``pipeline.stages`` itself, the stage table, may be
+    imported)."""
+    folder = root / "pipeline" / "stages"
+    stage_modules = {module_of(p, root) for p in folder.glob("*.py") if p.name != "__init__.py"}
+    out = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        me = module_of(path, root)
+        for imp in imports_of(path, root):
+            targets = {imp.module} | {f"{imp.module}.{n}" for n in imp.names}
+            hit = sorted(t for t in targets & stage_modules if t != me)
+            if hit:
+                out.append(f"{path.relative_to(root).as_posix()}:{imp.line} imports {', '.join(hit)}")
+    return out
+
+
+def test_stages_do_not_import_each_other():
+    bad = stage_cross_imports()
+    assert not bad, "a stage module imports another (move what they share out of pipeline/stages):\n" + "\n".join(bad)
+
+
+def test_the_stage_check_sees_every_kind_of_import(tmp_path):
+    files = {
+        "pipeline/__init__.py": "",
+        "pipeline/data.py": "",
+        "pipeline/stages/__init__.py": "STAGES = {}\n",
+        "pipeline/stages/sft.py": "from pipeline.data import x\nfrom pipeline.stages import STAGES\n",
+        "pipeline/stages/rl.py": "def f():\n    from pipeline.stages.sft import batch_indices\n",
+        "pipeline/stages/rollout.py": "from pipeline.stages import rl\n",
+        "pipeline/stages/evaluate.py": "from . import sft\nimport pipeline.stages.rollout\n",
+    }
+    write_tree(tmp_path, files)
+    assert stage_cross_imports(tmp_path) == [
+        "pipeline/stages/evaluate.py:1 imports pipeline.stages.sft",
+        "pipeline/stages/evaluate.py:2 imports pipeline.stages.rollout",
+        "pipeline/stages/rl.py:2 imports pipeline.stages.sft",
+        "pipeline/stages/rollout.py:1 imports pipeline.stages.rl",
+    ]
 
 
 def test_what_moved_down_is_still_importable_from_the_pipeline():

@@ -99,8 +99,9 @@ class TrainingBackend(ABC):
 
     Construction: ``Backend(cfg, model_path, lr=..., total_steps=..., warmup_steps=..., reference=False)`` loads the
     Hugging Face checkpoint at ``model_path`` (a folder with config.json and safetensors), builds the optimizer and LR
-    schedule (AdamW, linear warm-up then cosine decay to ``min_lr_ratio``), and, when ``reference`` is True, keeps a
-    frozen copy of the initial weights for KL (only built when ``rl.algorithm.kl_coef > 0``).
+    schedule (:class:`~.common.OptimizerSpec`: AdamW, linear warm-up then cosine decay to ``min_lr_ratio``), and, when
+    ``reference`` is True, keeps a frozen copy of the initial weights for KL (only built when
+    ``rl.algorithm.kl_coef > 0``).
     """
 
     #: rank 0 of the data-parallel/model-parallel world writes files and logs
@@ -229,7 +230,7 @@ class TrainingBackend(ABC):
     def _apply_update(self, grad_norm: Tensor, zero_grad: Callable[[], None],
                       after_update: Callable[[], None] | None = None) -> dict[str, float]:
         """The step of a backend that owns ``self.optimizer`` and ``self.scheduler`` (a torch optimizer and
-        :func:`~.common.lr_schedule`), once its gradients are reduced and clipped to ``grad_norm``: refuse a
+        :meth:`.common.OptimizerSpec.schedule`), once its gradients are reduced and clipped to ``grad_norm``: refuse a
         non-finite norm, step the optimizer and the schedule, run ``after_update`` (e.g. copy fp32 masters into the
         model), clear the gradients with ``zero_grad``; with a non-finite norm, only clear them and return
         :meth:`_skipped`."""
@@ -295,7 +296,7 @@ class TrainingBackend(ABC):
             self._move_training_state(to_host=False)
 
     def _offloads(self) -> bool:
-        """Whether :meth:`release_memory` moves anything (on an accelerator with ``backend.colocate_rollout``); a
+        """Whether :meth:`release_memory` moves anything (on an accelerator with ``rollout.colocate``); a
         backend that can move its training state says so here and moves it in :meth:`_move_training_state`."""
         return False
 

@@ -1,28 +1,26 @@
-"""Pieces every training backend shares: the process group, the optimizer options and LR schedule, log-probs from
+"""Pieces every training backend shares: the optimizer and LR schedule (:class:`OptimizerSpec`), log-probs from
 logits, the loss of one micro-batch, metric merging, and moving optimizer state between the accelerator and the host
 around colocated rollouts. The training step that puts them together is
 :class:`~pipeline.backends.base.TrainingBackend`'s."""
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import random
-import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lampo.losses import entropy_from_logits, policy_objective
 from lampo.record import TokenBatch
 from pipeline.checks import PipelineError
-from pipeline.dist import collective_timeout
 
 if TYPE_CHECKING:
-    from pipeline.config import AlgorithmConfig, Config
+    from pipeline.config import AlgorithmConfig, BackendConfig
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -34,38 +32,44 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
-                min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR schedule of every backend: :func:`warmup_cosine` as a ``LambdaLR`` on ``optimizer``, stepped once per
-    optimizer step. DeepSpeed takes it as ``lr_scheduler=functools.partial(lr_schedule, ...)``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio))
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer and LR schedule of a training run, the same for every backend: AdamW (decoupled weight decay)
+    and :func:`warmup_cosine`, stepped once per optimizer step. Built by the stage from its own section (``sft.*`` or
+    ``rl.*``: lr, steps, warm-up, floor, weight decay) and ``backend.adam_*`` (:meth:`from_config`)."""
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
 
+    @classmethod
+    def from_config(cls, backend: BackendConfig, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                    min_lr_ratio: float = 0.1, weight_decay: float = 0.0) -> OptimizerSpec:
+        return cls(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                   weight_decay=weight_decay, betas=(backend.adam_beta1, backend.adam_beta2), eps=backend.adam_eps)
 
-def init_process_group(use_cuda: bool) -> None:
-    """Join the ``torch.distributed`` group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or
-    start a one-process group on a free local port when they are absent; no-op when a group exists already.
+    def adamw_options(self) -> dict[str, Any]:
+        """The keyword options of ``torch.optim.AdamW`` (DeepSpeed's ``optimizer.params`` too)."""
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
 
-    NCCL on CUDA (after selecting the GPU of LOCAL_RANK), gloo on the CPU; the group gets the configured collective
-    timeout (``run.collective_timeout_min``, :func:`pipeline.dist.collective_timeout`).
-    """
-    if dist.is_initialized():
-        return
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
-        return
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=collective_timeout())
+    def adamw(self, params: Iterable[Any], zero_group: Any = None) -> torch.optim.Optimizer:
+        """AdamW over ``params``; with a data-parallel ``zero_group`` its state is partitioned over that group
+        (ZeRO-1, ``torch.distributed.optim.ZeroRedundancyOptimizer``)."""
+        if zero_group is None:
+            return torch.optim.AdamW(params, **self.adamw_options())
+        from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=zero_group,
+                                       **self.adamw_options())
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The one scheduler factory: :func:`warmup_cosine` as a ``LambdaLR`` on ``optimizer``. DeepSpeed takes the
+        bound method itself as ``lr_scheduler``."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+            s, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_lr_ratio=self.min_lr_ratio))
 
 
 def hf_logits(model: Any, mb: TokenBatch) -> Tensor:
@@ -116,13 +120,6 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
                                      ref_logprobs=mb.ref_logprobs, entropy=entropy, num_tokens=num_tokens,
                                      num_seqs=num_seqs, **policy_kwargs(algo, max_len=max_len))
     return loss, metrics  # a non-finite loss is the base class's to skip (TrainingBackend.rl_step)
-
-
-def adamw_options(cfg: Config, *, lr: float, weight_decay: float) -> dict[str, Any]:
-    """The keyword options of ``torch.optim.AdamW`` (lr, betas and eps from ``backend.*``, decoupled weight decay):
-    every backend builds the same optimizer from them."""
-    b = cfg.backend
-    return {"lr": lr, "betas": (b.adam_beta1, b.adam_beta2), "eps": b.adam_eps, "weight_decay": weight_decay}
 
 
 def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:

@@ -32,7 +32,7 @@ the standard HF format. A step with a non-finite gradient norm is skipped (no up
 it: ``was_step_applied``), at stage 0 we check before stepping. No fp16 loss scaling is configured (bf16 or fp32
 only), so DeepSpeed never skips a step for a loss-scale overflow that would not be a real fault.
 
-Colocated rollouts (``backend.colocate_rollout``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
+Colocated rollouts (``rollout.colocate``, CUDA): :meth:`~DeepSpeedBackend.release_memory` moves the optimizer
 state to the host (``engine.offload_states`` for what DeepSpeed can move, the torch AdamW moments by hand where it
 cannot: stage 0, and stage 3 without DeepSpeed's FusedAdam) and keeps the model weights in place for the weight sync;
 the CPU tests run this branch by faking the device.
@@ -40,7 +40,6 @@ the CPU tests run this branch by faking the device.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -54,18 +53,17 @@ from torch import Tensor
 from lampo.record import TokenBatch
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
-    adamw_options,
+    OptimizerSpec,
     hf_logits,
-    init_process_group,
     inner_optimizer,
     load_checkpoint_file,
-    lr_schedule,
     move_optimizer_state,
     rng_state,
     set_rng_state,
     token_logprobs_from_logits,
 )
 from pipeline.config import ConfigError
+from pipeline.dist import init_process_group
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
@@ -96,18 +94,13 @@ def setup_accelerator() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device) -> None:
-    """Join the ``torch.distributed`` group torchrun describes, or start a one-process group; no-op if one exists."""
-    init_process_group(use_cuda=device.type == "cuda")
-
-
 class DeepSpeedBackend(TrainingBackend):
     def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
         self.validate_config(cfg)
         self.cfg = cfg
         self.device = setup_accelerator()
-        init_distributed(self.device)
+        init_process_group(use_cuda=self.device.type == "cuda")
         import deepspeed
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -123,11 +116,11 @@ class DeepSpeedBackend(TrainingBackend):
         if reference:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
             self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
-        schedule = functools.partial(lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     min_lr_ratio=min_lr_ratio)
+        spec = OptimizerSpec.from_config(cfg.backend, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=self._ds_config(lr, weight_decay), lr_scheduler=schedule)
+            config=self._ds_config(spec), lr_scheduler=spec.schedule)
         self.module = self.engine.module  # the HF model (ZeRO-3: parameters partitioned)
         self.step = 0
 
@@ -146,14 +139,14 @@ class DeepSpeedBackend(TrainingBackend):
         if b.micro_batch_size < 1:
             raise ConfigError(f"backend.micro_batch_size={b.micro_batch_size} must be >= 1")
 
-    def _ds_config(self, lr: float, weight_decay: float) -> dict[str, Any]:
+    def _ds_config(self, spec: OptimizerSpec) -> dict[str, Any]:
         b, cfg = self.cfg.backend, self.cfg
         # The real accumulation count is set every step; the initial one only has to be > 1 whenever a step can
         # accumulate, because ZeRO's offload path picks its gradient buffers from it at construction.
         largest = max(cfg.sft.batch_size, cfg.rl.mini_batch_size)
         gas = max(1, math.ceil(largest / (self.micro * self.world)))
         zero: dict[str, Any] = {"stage": b.zero_stage}
-        adam = adamw_options(cfg, lr=lr, weight_decay=weight_decay)
+        adam = spec.adamw_options()
         if b.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         return {
@@ -330,7 +323,7 @@ class DeepSpeedBackend(TrainingBackend):
         return [S.optim_states, S.hp_params, S.lp_grads, S.contiguous_grad_buffer]
 
     def _offloads(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.backend.colocate_rollout
+        return self.device.type == "cuda" and self.cfg.rollout.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """To the host: the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient

@@ -19,10 +19,9 @@ from lampo.record import TokenBatch
 from pipeline import dist
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
-    adamw_options,
+    OptimizerSpec,
     hf_logits,
     load_checkpoint_file,
-    lr_schedule,
     rng_state,
     set_rng_state,
     token_logprobs_from_logits,
@@ -44,10 +43,10 @@ class TorchBackend(TrainingBackend):
         self.reference = None
         if reference:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw_options(cfg, lr=lr,
-                                                                                    weight_decay=weight_decay))
-        self.scheduler = lr_schedule(self.optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     min_lr_ratio=min_lr_ratio)
+        spec = OptimizerSpec.from_config(cfg.backend, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+        self.optimizer = spec.adamw(self.model.parameters())
+        self.scheduler = spec.schedule(self.optimizer)
         self.step = 0
 
     @torch.no_grad()

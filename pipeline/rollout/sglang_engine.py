@@ -33,7 +33,7 @@ CUDA device, one bucket of about :data:`BUCKET_BYTES` at a time (the trainer may
 the rollout), and the bucket is dropped once SGLang has loaded it; the sync never depends on ``/dev/shm``'s size.
 Over HTTP, ``/update_weights_from_disk`` needs no session (only the tensor and distributed updates check it).
 
-Memory release (``backend.colocate_rollout``). The engine starts holding its memory. SGLang's scheduler keeps the
+Memory release (``rollout.colocate``). The engine starts holding its memory. SGLang's scheduler keeps the
 released tags in a set: ``resume_memory_occupation`` does ``offload_tags.remove(tag)`` (``KeyError`` on a tag that was
 never released) and ``release_memory_occupation`` asserts the scheduler is idle; an exception in the scheduler process
 kills the engine. So this class tracks the state: :meth:`reacquire_memory` on a live engine and :meth:`release_memory`
@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from evaluation.engine import Generation, RolloutEngine, SamplingParams
+from lampo.seeds import derive_seed
 from pipeline.rollout.groups import RolloutGroups
 
 if TYPE_CHECKING:
@@ -134,8 +135,8 @@ def engine_kwargs(model_path: str | Path, cfg: Config) -> dict[str, Any]:
                          "engine cannot span two nodes")
     return dict(model_path=str(model_path), tp_size=k, base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")),
                 skip_tokenizer_init=True, dtype=cfg.model.dtype,
-                mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=cfg.run.seed,
-                trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.backend.colocate_rollout,
+                mem_fraction_static=cfg.rollout.sglang_mem_fraction, random_seed=derive_seed(cfg.run.seed, "init"),
+                trust_remote_code=cfg.model.trust_remote_code, enable_memory_saver=cfg.rollout.colocate,
                 enable_deterministic_inference=cfg.rollout.sglang_deterministic)
 
 
@@ -337,7 +338,7 @@ class SGLangEngine(RolloutEngine):
 
     def release_memory(self) -> None:
         """Free the KV cache, weights and CUDA graphs' GPU memory while the colocated trainer runs (needs the engine
-        started with ``enable_memory_saver``, which ``backend.colocate_rollout`` turns on). A no-op when already
+        started with ``enable_memory_saver``, which ``rollout.colocate`` turns on). A no-op when already
         released; refused while a generate call runs (SGLang asserts an idle scheduler). The weights do not survive:
         call :meth:`update_weights` after :meth:`reacquire_memory`, as the RL loop's sync does anyway."""
         if self.released:

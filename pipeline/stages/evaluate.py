@@ -11,59 +11,26 @@ A SIGTERM (SIGINT, SIGUSR1) stops the stage between evaluation batches, every on
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 from evaluation.report import scalars
-from evaluation.run import evaluate
+from lampo.io import atomic_write_text
 from pipeline import dist, preempt
 from pipeline.context import Context
-from pipeline.rollout import RolloutEngine, engine_class
+from pipeline.rollout import engine_class
 from pipeline.rollout.groups import RolloutGroups
-from pipeline.state import atomic_write_text
+from pipeline.sharded_eval import evaluate_sharded
+from pipeline.stages import STAGES, TRAINING_STAGES
 
-CHECKPOINT_STEP = {"base": 0, "sft": 1, "rl": 2}  # x-axis of the eval scalars in TensorBoard
+# x-axis of the eval scalars in TensorBoard: base 0, sft 1, rl 2
+CHECKPOINT_STEP = {"base": 0, **{name: i + 1 for i, name in enumerate(TRAINING_STAGES)}}
 
 
 def checkpoints(ctx: Context) -> dict[str, Path]:
-    found = {name: ctx.rd.path(st.output) for name in ("sft", "rl")
+    """The finished training stages' outputs, in run order, or the base model when none has finished."""
+    found = {name: ctx.rd.path(st.output) for name in TRAINING_STAGES
              if (st := ctx.rd.state(name)).status == "done" and st.output}
     return found or {"base": ctx.base_model}
-
-
-def evaluate_engine(ctx: Context, engine: RolloutEngine, out_dir: Path, model_id: str,
-                    shard: tuple[int, int] | None = None, after_batch: Callable[[], None] | None = None) -> dict | None:
-    e = ctx.cfg.eval
-    return evaluate(engine, ctx.tokenizer, e.benchmarks, samples=e.samples, temperature=e.temperature, top_p=e.top_p,
-                    max_new_tokens=e.max_new_tokens, out_dir=out_dir, data_dir=e.data_dir, limit=e.limit,
-                    seed=ctx.cfg.run.seed, batch_size=max(1, ctx.cfg.rollout.batch_size // e.samples),
-                    timeout_s=ctx.cfg.rl.reward.timeout_s, progress=ctx.cfg.run.progress, model_id=model_id,
-                    shard=shard, after_batch=after_batch)
-
-
-def evaluate_sharded(ctx: Context, groups: RolloutGroups, engine: RolloutEngine | None, out_dir: Path,
-                     model_id: str, stoppable: bool = False) -> dict | None:
-    """Every engine evaluates its share; the main rank (which leads engine 0) assembles and returns the results,
-    the other ranks return None. Every rank must call this.
-
-    ``stoppable``: a stop request ends each engine's generation at its next batch boundary (each batch is written);
-    once every rank is through, the ranks agree and raise :class:`~pipeline.preempt.StopRequested` together."""
-    single = groups.n_engines == 1
-    res = None
-    if engine is not None:
-        with contextlib.suppress(preempt.StopRequested):  # this engine stopped between batches: agreed on below
-            res = evaluate_engine(ctx, engine, out_dir, model_id,
-                                  shard=None if single else (groups.engine_index, groups.n_engines),
-                                  after_batch=preempt.between_batches if stoppable else None)
-    dist.barrier()
-    if stoppable and preempt.agreed():
-        raise preempt.StopRequested
-    if single:
-        return res
-    res = evaluate_engine(ctx, engine, out_dir, model_id) if dist.is_main() else None  # generates nothing
-    dist.barrier()
-    return res
 
 
 def summary_table(all_results: dict[str, dict]) -> str:
@@ -87,10 +54,11 @@ def run(ctx: Context) -> None:
     st.status = "running"
     results = {}
     groups = RolloutGroups.from_config(ctx.cfg)
+    summary = ctx.rd.path(STAGES["evaluate"].folder, "summary.md")
     for name, path in checkpoints(ctx).items():
         engine = engine_class(ctx.cfg.rollout.engine)(path, ctx.tokenizer, ctx.cfg) if groups.is_leader else None
         try:
-            res = evaluate_sharded(ctx, groups, engine, ctx.rd.path("eval", name), str(path), stoppable=True)
+            res = evaluate_sharded(ctx, groups, engine, summary.parent / name, str(path), stoppable=True)
         except preempt.StopRequested:
             where = f"while evaluating {name}"
             ctx.record_preemption(st, where)
@@ -105,8 +73,7 @@ def run(ctx: Context) -> None:
                             CHECKPOINT_STEP[name])
     if dist.is_main():
         table = summary_table(results)
-        atomic_write_text(ctx.rd.path("eval", "summary.md"), table)
+        atomic_write_text(summary, table)
         ctx.log.print("\nHeld-out evaluation (" + ", ".join(ctx.cfg.eval.benchmarks) + "):\n" + table)
-        st.status, st.output = "done", "eval/summary.md"
-        ctx.rd.save_state(st)
+    ctx.finish_stage(st, summary)
     dist.barrier()

@@ -32,53 +32,21 @@ import time
 import torch
 from tqdm import tqdm
 
+from evaluation.report import scalars
 from lampo.advantages import ADVANTAGE_ESTIMATORS, pairwise_weight_stats, sequence_scores, uniform_groups
-from lampo.record import RolloutBatch, Sample
+from lampo.record import RolloutBatch
 from lampo.rewards import build_reward
+from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.backends import TrainingBackend, backend_class
 from pipeline.backends.base import NonFiniteSteps
 from pipeline.context import Context
-from pipeline.data import format_prompt, load_rows
+from pipeline.data import batch_indices, load_rows
 from pipeline.faults import fault_point
-from pipeline.rollout import RolloutEngine, SamplingParams, engine_class
-from pipeline.rollout.groups import RolloutGroups, all_gather, shard_params
-from pipeline.stages.sft import batch_indices
-
-
-def generate(ctx: Context, engine: RolloutEngine, rows: list[dict], it: int,
-             shard: range | None = None) -> RolloutBatch:
-    """Sample ``rollout.n_samples`` responses for ``rows[shard]`` (default: all rows); groups are numbered by the
-    row's index in ``rows``, so the shards of one iteration fit together."""
-    r = ctx.cfg.rollout
-    shard = range(len(rows)) if shard is None else shard
-    prompts = [format_prompt(rows[i], ctx.cfg, ctx.tokenizer) for i in shard]
-    # the engine's log-probs are needed only when the trainer does not recompute the old ones
-    params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, seed=ctx.cfg.run.seed * 100_003 + it,
-                            logprobs=not ctx.cfg.rl.algorithm.recompute_old_logprobs)
-    gens = engine.generate(prompts, shard_params(params, shard))
-    fault_point("rl_rollout")
-    samples = []
-    for g in gens:
-        row, group = rows[shard.start + g.prompt_index], shard.start + g.prompt_index
-        samples.append(Sample(prompt_ids=prompts[g.prompt_index], response_ids=g.token_ids, group=group,
-                              prompt=row["problem"], answer=row["answer"], reference=row["solution"],
-                              response=ctx.tokenizer.decode(g.token_ids, skip_special_tokens=True),
-                              response_logprobs=g.logprobs, finished=g.finished, metadata={"id": row["id"]}))
-    return RolloutBatch(samples)
-
-
-def score(reward_fn, batch: RolloutBatch) -> dict[str, float]:
-    res = reward_fn([s.response for s in batch.samples], answers=[s.answer for s in batch.samples],
-                    references=[s.reference for s in batch.samples])
-    for i, s in enumerate(batch.samples):
-        s.reward = res.total[i]
-        s.reward_components = {k: v[i] for k, v in res.components.items()}
-    out = {f"reward_{k}": sum(v) / len(v) for k, v in res.components.items()}
-    # responses a reward could not score (no final answer, a timeout, ...): they got 0 for that component
-    out["reward_unscored_frac"] = sum(r is not None for r in res.reasons) / len(res.reasons)
-    return out
+from pipeline.rollout import RolloutEngine, engine_class
+from pipeline.rollout.collect import collect, gather_shards
+from pipeline.rollout.groups import RolloutGroups, all_gather
+from pipeline.sharded_eval import evaluate_sharded
 
 
 def make_engine(cfg, model_path, tokenizer, backend: TrainingBackend) -> RolloutEngine:
@@ -89,34 +57,6 @@ def make_engine(cfg, model_path, tokenizer, backend: TrainingBackend) -> Rollout
     if module is not None and cls.can_share(module):
         return cls(model_path, tokenizer, cfg, model=module)
     return cls(model_path, tokenizer, cfg)
-
-
-def collect(ctx: Context, engine: RolloutEngine, reward_fn, groups: RolloutGroups, prompts: list[dict],
-            it: int) -> tuple[RolloutBatch, dict[str, float]]:
-    """This engine's share of the iteration: generate and score ``prompts[shard]``; returns the shard and its
-    metrics (``time_*`` in seconds, the rest means over the shard)."""
-    shard = groups.my_shard(len(prompts), engine.shard_granule(ctx.cfg.rollout.n_samples))
-    t = time.perf_counter()
-    batch = generate(ctx, engine, prompts, it, shard)
-    m = {"time_rollout": time.perf_counter() - t}
-    t = time.perf_counter()
-    if len(batch):
-        m.update(score(reward_fn, batch))
-    m["time_scoring"] = time.perf_counter() - t
-    return batch, m
-
-
-def gather_shards(shards: list[tuple[RolloutBatch, dict[str, float]]]) -> tuple[RolloutBatch, dict[str, float]]:
-    """The engines' scored shards (in engine order, so in prompt order) -> one batch and its metrics: times are the
-    slowest engine's, means are weighted by each shard's size."""
-    batch = RolloutBatch([s for b, _ in shards for s in b.samples])
-    m: dict[str, float] = {}
-    for key in {k for _, sm in shards for k in sm}:
-        if key.startswith("time_"):
-            m[key] = max(sm[key] for _, sm in shards if key in sm)
-        else:
-            m[key] = sum(sm[key] * len(b) for b, sm in shards if key in sm) / len(batch)
-    return batch, m
 
 
 def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
@@ -145,7 +85,7 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
 
 def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, float]:
     rl, parts = ctx.cfg.rl, []
-    gen = torch.Generator().manual_seed(ctx.cfg.run.seed * 7919 + it)
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.run.seed, "rl_minibatches", it))
     per_epoch = -(-len(tb) // rl.mini_batch_size)
     for epoch in range(rl.algorithm.ppo_epochs):
         order = torch.randperm(len(tb), generator=gen)
@@ -178,11 +118,11 @@ def run(ctx: Context) -> None:
                                                       // rl.mini_batch_size)
     backend = backend_class(cfg.backend.name)(
         cfg, start, lr=rl.lr, total_steps=rl.iterations * steps_per_iter, warmup_steps=rl.warmup_steps,
-        min_lr_ratio=1.0, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
+        min_lr_ratio=rl.min_lr_ratio, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     groups = RolloutGroups.from_config(cfg)
     ctx.log.print(f"[rl] {groups.n_engines} rollout engine(s) of {groups.size} rank(s) each")
     engine = make_engine(cfg, start, ctx.tokenizer, backend) if groups.is_leader else None
-    ctx.begin_stage(backend, st, "iteration")
+    ctx.begin_stage(backend, st)
     reward_fn = build_reward(rl.reward.outcome, rl.reward.dense, rl.reward.alpha, timeout_s=rl.reward.timeout_s,
                              model_path=rl.reward.embedding_model) if groups.is_leader else None
     rows = load_rows(cfg, "train")
@@ -196,8 +136,10 @@ def run(ctx: Context) -> None:
             local = collect(ctx, engine, reward_fn, groups, prompts, it) if engine is not None else None
         batch, m = gather_shards(all_gather(local, groups))
         t = time.perf_counter()
-        tb, adv_m = advantages(ctx, backend, batch)
-        m.update(adv_m, **update(ctx, backend, tb, it))
+        # the token batch (called ``tb`` inside advantages() and update(), not renamed there while they are edited
+        # elsewhere; ``tb`` is otherwise TensorBoard's)
+        tokens, adv_m = advantages(ctx, backend, batch)
+        m.update(adv_m, **update(ctx, backend, tokens, it))
         m["time_training"] = time.perf_counter() - t
         m.update(batch_stats(batch, m, rl.reward.outcome))
         if dist.is_main():
@@ -205,15 +147,12 @@ def run(ctx: Context) -> None:
         if (it + 1) % rl.checkpoint_every == 0 or it + 1 == rl.iterations:
             ctx.save_checkpoint(backend, st, it + 1)
         try:
-            ctx.preemption_point(backend, st, it + 1, "iteration")  # a SIGTERM stops here, with a checkpoint
+            ctx.preemption_point(backend, st, it + 1)  # a SIGTERM stops here, with a checkpoint
         except preempt.Preempted:
             if engine is not None:
                 engine.shutdown()
             raise
-    out = ctx.export(backend, "rl/final")
-    st.status, st.step, st.output = "done", rl.iterations, str(out.relative_to(rd.root))
-    if dist.is_main():
-        rd.save_state(st)
+    ctx.finish_stage(st, ctx.export(backend, "rl/final"), step=rl.iterations)
     if engine is not None:
         engine.shutdown()
     ctx.log.print(f"[rl] done: {st.output}")
@@ -221,8 +160,8 @@ def run(ctx: Context) -> None:
 
 @contextlib.contextmanager
 def rollout_phase(cfg, backend: TrainingBackend, engine: RolloutEngine | None):
-    """With ``backend.colocate_rollout``, the trainer frees accelerator memory while the engine holds it, and back."""
-    if not cfg.backend.colocate_rollout:
+    """With ``rollout.colocate``, the trainer frees accelerator memory while the engine holds it, and back."""
+    if not cfg.rollout.colocate:
         yield
         return
     backend.release_memory()
@@ -239,9 +178,6 @@ def rollout_phase(cfg, backend: TrainingBackend, engine: RolloutEngine | None):
 def evaluate_during_training(ctx: Context, groups: RolloutGroups, engine: RolloutEngine | None, step: int) -> None:
     """Evaluate the current policy (the rollout engines hold its weights) on ``eval.benchmarks``, split across the
     engines; every rank takes part."""
-    from evaluation.report import scalars
-    from pipeline.stages.evaluate import evaluate_sharded
-
     res = evaluate_sharded(ctx, groups, engine, ctx.rd.path("eval", f"rl_iter_{step:05d}"), f"rl iteration {step}")
     if res is not None:
         ctx.log.scalars("rl_eval", {k.removeprefix("eval/"): v for k, v in scalars(res).items()}, step)

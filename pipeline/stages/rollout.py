@@ -8,8 +8,9 @@ from pipeline import dist
 from pipeline.context import Context
 from pipeline.data import load_rows
 from pipeline.rollout import engine_class
+from pipeline.rollout.collect import collect, gather_shards
 from pipeline.rollout.groups import RolloutGroups, all_gather
-from pipeline.stages.rl import collect, gather_shards
+from pipeline.stages import STAGES
 
 
 def run(ctx: Context) -> None:
@@ -25,12 +26,11 @@ def run(ctx: Context) -> None:
         local = collect(ctx, engine, reward_fn, groups, rows, it=0)
         engine.shutdown()
     batch, m = gather_shards(all_gather(local, groups))
+    out = ctx.rd.path(STAGES["rollout"].folder, "samples.jsonl")
     if dist.is_main():
-        out = ctx.rd.path("rollout", "samples.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
         batch.save(out)
         ctx.log.scalars("rollout", {**m, "reward_mean": batch.rewards.mean().item()}, 0)
         ctx.log.print(f"[rollout] {len(batch)} samples from {path} -> {out} (mean reward {batch.rewards.mean():.3f})")
-        st.status, st.output = "done", str(out.relative_to(ctx.rd.root))
-        ctx.rd.save_state(st)
+    ctx.finish_stage(st, out)
     dist.barrier()

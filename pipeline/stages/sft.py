@@ -6,7 +6,6 @@ stage (``run.max_nonfinite_in_a_row``). A SIGTERM stops it after the step under 
 """
 from __future__ import annotations
 
-import random
 import time
 
 from tqdm import tqdm
@@ -17,22 +16,8 @@ from pipeline.backends import backend_class
 from pipeline.backends.base import NonFiniteSteps
 from pipeline.checks import PipelineError
 from pipeline.context import Context
-from pipeline.data import format_prompt, load_rows
+from pipeline.data import batch_indices, format_prompt, load_rows
 from pipeline.faults import fault_point
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of the ``step``-th batch of an endless sequence of shuffled epochs over ``n`` examples."""
-    out = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(f"{seed}/{epoch}").shuffle(perm)
-        take = min(batch_size - len(out), n - offset)
-        out += perm[offset:offset + take]
-        pos += take
-    return out
 
 
 def build_examples(ctx: Context) -> tuple[list[list[int]], list[list[int]]]:
@@ -59,7 +44,7 @@ def run(ctx: Context) -> None:
     backend = backend_class(cfg.backend.name)(
         cfg, ctx.stage_input("sft"), lr=sft.lr, total_steps=sft.steps, warmup_steps=sft.warmup_steps,
         min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
-    ctx.begin_stage(backend, st, "step")
+    ctx.begin_stage(backend, st)
     prompts, responses = build_examples(ctx)
     bar = tqdm(range(st.step, sft.steps), desc="sft", initial=st.step, total=sft.steps,
                disable=not (cfg.run.progress and dist.is_main()))
@@ -82,9 +67,6 @@ def run(ctx: Context) -> None:
             ctx.log.scalars("sft", m, step + 1)
         if (step + 1) % sft.checkpoint_every == 0 and step + 1 < sft.steps:
             ctx.save_checkpoint(backend, st, step + 1)
-        ctx.preemption_point(backend, st, step + 1, "step")  # a SIGTERM stops here, with a checkpoint
-    out = ctx.export(backend, "sft/final")
-    st.status, st.step, st.output = "done", sft.steps, str(out.relative_to(rd.root))
-    if dist.is_main():
-        rd.save_state(st)
+        ctx.preemption_point(backend, st, step + 1)  # a SIGTERM stops here, with a checkpoint
+    ctx.finish_stage(st, ctx.export(backend, "sft/final"), step=sft.steps)
     ctx.log.print(f"[sft] done: {st.output}")

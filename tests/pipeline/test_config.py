@@ -49,6 +49,9 @@ def test_bare_leaf_and_section_keys_resolve():
     (["backend.adam_beta2=1.0"], "backend.adam_beta2=1.0 must be in [0, 1)"),
     (["rollout.sglang_mem_fraction=1.0"], "rollout.sglang_mem_fraction=1.0 must be in (0, 1)"),
     (["rollout.sglang_mem_fraction=0"], "rollout.sglang_mem_fraction=0.0 must be in (0, 1)"),
+    (["rl.min_lr_ratio=1.5"], "rl.min_lr_ratio=1.5 must be in [0, 1]"),
+    (["sft.min_lr_ratio=-0.1"], "sft.min_lr_ratio=-0.1 must be in [0, 1]"),
+    (["rl.warmup_steps=-1"], "rl.warmup_steps=-1 must be >= 0"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -201,8 +204,8 @@ def test_dist_init_passes_the_timeout_to_the_default_group(fake_group, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dist.init(420)
-    ((args, kwargs),) = fake_group.calls
-    assert args == ("gloo",) and kwargs["timeout"] == timedelta(minutes=420)
+    ((args, kwargs),) = fake_group.calls  # the one process-group init, as the backends' (torchrun's env:// group)
+    assert args == ("gloo",) and kwargs["timeout"] == timedelta(minutes=420) and kwargs["init_method"] == "env://"
     assert dist.collective_timeout() == timedelta(minutes=420) and dist.collective_timeout_minutes() == 420
 
 
@@ -263,13 +266,10 @@ def test_megatron_groups_get_the_timeout(fake_group, monkeypatch):
 
 
 @pytest.mark.parametrize("torchrun", [True, False])
-def test_deepspeed_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
+def test_a_backends_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
     from datetime import timedelta
 
-    import torch
-
     from pipeline import dist
-    from pipeline.backends.deepspeed_backend import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     dist.init(300)
@@ -278,6 +278,51 @@ def test_deepspeed_group_gets_the_timeout(fake_group, monkeypatch, torchrun):
     else:
         monkeypatch.delenv("RANK", raising=False)
         monkeypatch.delenv("WORLD_SIZE", raising=False)
-    init_distributed(torch.device("cpu"))
+    dist.init_process_group(use_cuda=False)  # what every backend calls (the deepspeed one included)
     ((_, kwargs),) = fake_group.calls
     assert kwargs["timeout"] == timedelta(minutes=300)
+
+
+# --- renamed fields: backend.colocate_rollout is now rollout.colocate -------------------------------------------------
+def test_the_old_colocate_name_in_a_yaml_file_is_read_as_the_new_one(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("backend:\n  name: torch\n  colocate_rollout: false\n")
+    with pytest.warns(FutureWarning, match=r"backend.colocate_rollout is deprecated: it is now rollout.colocate "
+                                           r"\(read as rollout.colocate=False\)"):
+        cfg = load_config(f)
+    assert cfg.rollout.colocate is False and not hasattr(cfg.backend, "colocate_rollout")
+    assert load_config(None).rollout.colocate is True  # the default is unchanged
+
+
+@pytest.mark.parametrize("key", ["backend.colocate_rollout", "colocate_rollout"])
+def test_the_old_colocate_name_works_as_an_override(key):
+    with pytest.warns(FutureWarning, match="it is now rollout.colocate"):
+        assert load_config(None, [f"{key}=false"]).rollout.colocate is False
+
+
+def test_a_wrong_colocate_value_and_a_conflict_are_refused_clearly(tmp_path):
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="rollout.colocate: expected true or false, "
+                                                                        "got 'maybe'"):
+        load_config(None, ["backend.colocate_rollout=maybe"])
+    f = tmp_path / "both.yaml"
+    f.write_text("backend:\n  colocate_rollout: false\nrollout:\n  colocate: true\n")
+    with pytest.raises(ConfigError, match="backend.colocate_rollout .* is False but rollout.colocate is True; set "
+                                          "rollout.colocate only"):
+        load_config(f)
+
+
+def test_a_saved_run_with_the_old_colocate_name_resumes(tmp_path):
+    """A run folder whose config.yaml predates the rename is the same config (no 'different config' refusal)."""
+    import yaml
+
+    from pipeline.runner import check_same_config
+    from pipeline.state import RunDir
+
+    cfg = load_config(None, ["rollout.colocate=false"])
+    old = cfg.to_dict()
+    old["backend"]["colocate_rollout"] = old["rollout"].pop("colocate")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.warns(FutureWarning):
+        check_same_config(RunDir(tmp_path), cfg, force=False)
+        with pytest.raises(Exception, match="rollout.colocate: False -> True"):  # a real change is still seen
+            check_same_config(RunDir(tmp_path), load_config(None), force=False)

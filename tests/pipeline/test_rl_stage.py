@@ -15,6 +15,7 @@ import torch
 
 from lampo.advantages import drop_uniform_groups
 from lampo.record import TokenBatch
+from pipeline.rollout import collect
 from pipeline.rollout.groups import RolloutGroups
 from pipeline.stages import rl
 from tests.pipeline.rl_fakes import (
@@ -129,7 +130,7 @@ def sample_key(s) -> tuple[int, ...]:
 def test_generate_keeps_the_engines_tokens_and_logprobs_and_the_rows_fields():
     ctx = make_ctx(*BASE)
     engine = ScriptedEngine(SCRIPT, ctx.tokenizer)
-    batch = rl.generate(ctx, engine, ROWS, it=5)
+    batch = collect.generate(ctx, engine, ROWS, it=5)
     assert [(s.prompt_ids, s.response_ids, s.group) for s in batch.samples] == expected_rows()
     for s in batch.samples:
         row = ROWS[s.group]
@@ -337,3 +338,33 @@ def test_update_with_nothing_to_train_makes_no_step():
     backend = RecordingBackend()
     empty = TokenBatch.from_sequences([[5]], [[6]], PAD).select(slice(0, 0))
     assert rl.update(ctx, backend, empty, 0) == {} and backend.steps == []
+
+
+@pytest.mark.parametrize("floor", [1.0, 0.25])
+def test_run_builds_the_backend_with_the_rl_sections_optimizer_settings(monkeypatch, floor):
+    """``rl.lr``, ``rl.min_lr_ratio``, ``rl.warmup_steps`` and ``rl.weight_decay`` reach the backend; its schedule
+    spans every optimizer step of the stage (PPO epochs x mini-batches per iteration x iterations)."""
+    from types import SimpleNamespace
+
+    from pipeline.state import StageState
+
+    assert make_ctx().cfg.rl.min_lr_ratio == 1.0  # the default: a constant RL learning rate, as before the field
+    ctx = make_ctx(*BASE, "rl.iterations=5", "rl.prompts_per_iteration=4", "rl.algorithm.ppo_epochs=2", "rl.lr=2e-5",
+                   f"rl.min_lr_ratio={floor}", "rl.warmup_steps=3", "rl.weight_decay=0.01")
+    ctx.rd = SimpleNamespace(state=lambda name: StageState(name))
+    ctx.stage_input = lambda name: "the-sft-model"
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def backend(cfg, path, **kw):
+        seen.update(kw, path=path, cfg=cfg)
+        raise Built
+
+    monkeypatch.setattr(rl, "backend_class", lambda name: backend)
+    with pytest.raises(Built):
+        rl.run(ctx)
+    assert seen["path"] == "the-sft-model" and seen["cfg"] is ctx.cfg
+    assert (seen["lr"], seen["min_lr_ratio"], seen["warmup_steps"], seen["weight_decay"]) == (2e-5, floor, 3, 0.01)
+    assert seen["total_steps"] == 5 * 2 * 1  # 4 prompts x 4 samples = one mini-batch of 16, two epochs, 5 iterations

@@ -231,7 +231,7 @@ def test_engine_kwargs_turn_deterministic_inference_on_only_when_asked():
     cfg.rollout.sglang_deterministic = True
     kw = engine_kwargs("m", cfg)
     assert kw["enable_deterministic_inference"] is True and kw["skip_tokenizer_init"] is True
-    assert kw["enable_memory_saver"] is cfg.backend.colocate_rollout
+    assert kw["enable_memory_saver"] is cfg.rollout.colocate
 
 
 def test_engine_started_with_the_pinned_keywords(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""The RL stage with ``rollout.engine=sglang`` and ``backend.colocate_rollout=true``, in process, against the stateful
+"""The RL stage with ``rollout.engine=sglang`` and ``rollout.colocate=true``, in process, against the stateful
 fake of ``sglang`` 0.5.21 in ``fake_sglang.py`` (real tokens and log-probs from the tiny model on CPU; the release's
 rules on memory release/resume and the weight-update session enforced). Catches what only shows in the real loop:
 resuming memory on an engine that was never released (iteration 0), tensor updates outside a session, generating
@@ -15,7 +15,7 @@ from tests.pipeline import fake_sglang
 from tests.pipeline.test_runner import SMALL
 
 FAST = [o for o in SMALL if not o.startswith(("sft.", "eval.", "rl.iterations="))] + [
-    "run.stages=[rl]", "rl.iterations=3", "rl.eval_every=0", "rollout.engine=sglang", "backend.colocate_rollout=true",
+    "run.stages=[rl]", "rl.iterations=3", "rl.eval_every=0", "rollout.engine=sglang", "rollout.colocate=true",
     "rollout.max_new_tokens=12"]
 
 
@@ -48,7 +48,7 @@ def test_rl_stage_runs_colocated_against_the_sglang_fake(sglang, tmp_path):
 def test_whole_tiny_pipeline_runs_colocated_against_the_sglang_fake(sglang, tmp_path):
     """SFT -> RL (with an evaluation during training on the live engine) -> evaluate (an engine per checkpoint)."""
     run("configs/tiny.yaml", [f"run.dir={tmp_path / 'run'}", *SMALL, "rollout.engine=sglang",
-                              "backend.colocate_rollout=true", "rl.eval_every=2", "eval.limit=4"])
+                              "rollout.colocate=true", "rl.eval_every=2", "eval.limit=4"])
     engines = sglang.Engine.instances
     assert len(engines) == 3  # the RL stage's, then one per checkpoint (sft, rl) in the evaluate stage
     assert all(e.dead == "shut down" for e in engines)
@@ -75,7 +75,7 @@ def engine(path, tok, *overrides):
     from pipeline.config import load_config
     from pipeline.rollout.sglang_engine import SGLangEngine
 
-    return SGLangEngine(path, tok, load_config(None, ["backend.colocate_rollout=false", *overrides]))
+    return SGLangEngine(path, tok, load_config(None, ["rollout.colocate=false", *overrides]))
 
 
 def test_logprobs_are_before_temperature(sglang, tiny):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.state import RunDir, StageState, atomic_dir, atomic_write_json
+from lampo.io import atomic_write_json
+from pipeline.state import RunDir, StageState, atomic_dir
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -49,3 +50,27 @@ def test_reset_stage_forgets_state_and_outputs(tmp_path):
     rd.reset_stage("evaluate")
     assert rd.state("evaluate").status == "pending"
     assert not (tmp_path / "eval").exists() and (tmp_path / "sft").exists()
+
+
+def test_the_stage_table_describes_every_stage():
+    from pipeline.stages import STAGES, TRAINING_STAGES
+
+    assert list(STAGES) == ["sft", "rl", "rollout", "evaluate"] and TRAINING_STAGES == ("sft", "rl")
+    assert {n: (s.folder, s.unit) for n, s in STAGES.items()} == {
+        "sft": ("sft", "step"), "rl": ("rl", "iteration"), "rollout": ("rollout", "step"), "evaluate": ("eval", "step")}
+    for name, stage in STAGES.items():
+        assert stage.module == f"pipeline.stages.{name}" and callable(stage.run())
+
+
+def test_finish_stage_marks_the_stage_done_with_its_output_relative_to_the_run(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.context import Context
+
+    ctx = Context(load_config(None), RunDir(tmp_path), log=None)
+    st = ctx.rd.state("sft")
+    st.status, st.step, st.checkpoint = "running", 4, "sft/checkpoints/step_000004"
+    ctx.finish_stage(st, tmp_path / "sft" / "final", step=7)
+    assert ctx.rd.state("sft") == StageState("sft", "done", 7, "sft/checkpoints/step_000004", "sft/final")
+    ctx.finish_stage(ctx.rd.state("evaluate"), tmp_path / "eval" / "summary.md")  # no step: left as it was
+    assert ctx.rd.state("evaluate") == StageState("evaluate", "done", 0, None, "eval/summary.md")
+    assert ctx.stage_input("rl") == tmp_path / "sft" / "final"  # what the next training stage starts from

@@ -132,14 +132,14 @@ def test_sglang_share_too_small_for_the_weights_is_refused(monkeypatch):
 
 
 def test_without_colocation_the_trainer_must_fit_beside_sglang(monkeypatch):
-    cfg = lampo_7b(monkeypatch, "backend.colocate_rollout=false", "rollout.sglang_mem_fraction=0.9")
+    cfg = lampo_7b(monkeypatch, "rollout.colocate=false", "rollout.sglang_mem_fraction=0.9")
     msg = refusal(cfg, world_size=8, gpu_memory=H100)
-    assert "backend.colocate_rollout=false" in msg and "rollout.sglang_mem_fraction=0.9" in msg
+    assert "rollout.colocate=false" in msg and "rollout.sglang_mem_fraction=0.9" in msg
     assert "leaving 17.6 GiB, less than the trainer's 17.7 GiB" in msg
     # colocated, the same fraction works: the two take turns on the GPU
     validate_cluster(lampo_7b(monkeypatch, "rollout.sglang_mem_fraction=0.9"), world_size=8, gpu_memory=H100)
     # and a remote SGLang server (rollout.sglang_urls) does not share this GPU
-    validate_cluster(lampo_7b(monkeypatch, "backend.colocate_rollout=false", "rollout.sglang_mem_fraction=0.9",
+    validate_cluster(lampo_7b(monkeypatch, "rollout.colocate=false", "rollout.sglang_mem_fraction=0.9",
                               "rollout.sglang_urls=[http://rollout:30000]"), world_size=8, gpu_memory=H100)
 
 

@@ -18,7 +18,7 @@ weights for the optimizer and gradients accumulated and reduced in fp32 (:mod:`.
 megatron-core's full uniform recomputation; ``distributed_optimizer`` partitions the AdamW state over data-parallel
 ranks (ZeRO-1, torch's ``ZeroRedundancyOptimizer``, not megatron-core's CUDA-only ``DistributedOptimizer``);
 ``sequence_parallel`` splits the activations outside attention and MLP along the sequence over TP ranks (sequences
-padded to a multiple of TP); ``colocate_rollout`` moves the optimizer state, the separate fp32 masters and the
+padded to a multiple of TP); ``rollout.colocate`` moves the optimizer state, the separate fp32 masters and the
 reference model to the host around rollouts (on CUDA only; the CPU tests run that branch by forcing it). All of these,
 and TP/PP/DP, are tested on CPU over gloo; NCCL/CUDA is the same code with another device and process-group backend.
 """
@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lampo.io import atomic_path
 from lampo.record import TokenBatch
+from lampo.seeds import derive_seed
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
-    adamw_options,
+    OptimizerSpec,
     inner_optimizer,
     load_checkpoint_file,
-    lr_schedule,
     move_optimizer_state,
     rng_state,
     set_rng_state,
@@ -83,7 +84,8 @@ class MegatronBackend(TrainingBackend):
         self.layout: Layout = layout_for_world(b.tensor_parallel, b.pipeline_parallel, world_size_from_env())
         check_layout(self.layout, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
                      num_layers=self.arch.num_layers, world_size=world_size_from_env())
-        init_parallel(self.layout, seed=cfg.run.seed, use_cuda=self.use_cuda)  # also picks this rank's GPU
+        # also picks this rank's GPU
+        init_parallel(self.layout, seed=derive_seed(cfg.run.seed, "init"), use_cuda=self.use_cuda)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -99,24 +101,14 @@ class MegatronBackend(TrainingBackend):
         self.reference = self._build(hf_state)[0].eval().requires_grad_(False) if reference else None
         del hf_state, shard
 
-        self.optimizer = self._make_optimizer(lr, weight_decay)
-        self.scheduler = lr_schedule(self.optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     min_lr_ratio=min_lr_ratio)
+        spec = OptimizerSpec.from_config(b, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+        # AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned over
+        # the data-parallel group (ZeRO-1)
+        zero = ps.get_data_parallel_group() if b.distributed_optimizer and self.layout.dp > 1 else None
+        self.optimizer = spec.adamw(self.master.params(), zero_group=zero)
+        self.scheduler = spec.schedule(self.optimizer)
         self.step = 0
-
-    def _make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned
-        over the data-parallel group (ZeRO-1, ``torch.distributed.optim.ZeroRedundancyOptimizer``)."""
-        from megatron.core import parallel_state as ps
-
-        params = self.master.params()
-        kw = adamw_options(self.cfg, lr=lr, weight_decay=weight_decay)
-        if self.cfg.backend.distributed_optimizer and self.layout.dp > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                           process_group=ps.get_data_parallel_group(), **kw)
-        return torch.optim.AdamW(params, **kw)
 
     def _build(self, hf_state: dict[str, Tensor]) -> tuple[torch.nn.Module, dict[str, Tensor]]:
         model = build_model(self.arch, self.hf_config, self.layout.tp, self.layout.pp, self.precision)
@@ -305,14 +297,13 @@ class MegatronBackend(TrainingBackend):
             if extra.suffix in (".json", ".txt", ".model", ".jinja") and extra.name not in (
                     "config.json", "model.safetensors.index.json") and not (path / extra.name).exists():
                 shutil.copy(extra, path / extra.name)
-        tmp = path / "model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / "model.safetensors")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
 
     # --- colocated rollouts -------------------------------------------------------------------------------------------
     def _offloads(self) -> bool:
-        """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``colocate_rollout``."""
-        return self.use_cuda and self.cfg.backend.colocate_rollout
+        """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``rollout.colocate``."""
+        return self.use_cuda and self.cfg.rollout.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """The optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local optimizer's),

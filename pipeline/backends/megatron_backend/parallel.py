@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from pipeline.backends.common import init_process_group
-from pipeline.dist import collective_timeout_minutes  # run.collective_timeout_min
+from pipeline.dist import collective_timeout_minutes, init_process_group  # run.collective_timeout_min
 
 
 @dataclass(frozen=True)
