@@ -234,3 +234,19 @@ def test_poisoning_and_the_non_finite_test_need_no_host_sync(monkeypatch):
     monkeypatch.undo()
     assert [bool(f) for f in flags] == [False, False, True]
     assert [r.item() for r in results[:2]] == [2.0, 2.0] and all(math.isnan(r.item()) for r in results[2:])
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-sum-constant"])
+def test_every_merged_metric_is_independent_of_the_split(ckpt, loss_agg):
+    """Micro-batch metrics merge exactly (token means by tokens, loss-like metrics of a seq-* aggregation by
+    sequences), so a backend that cuts the batch differently (the torch backend sorts by length) reports the same."""
+    batch = random_batch(1, n=9)
+    noise = 0.05 * torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(5))
+    batch.old_logprobs = (make(ckpt, micro=9, mode="never")[1].token_logprobs(batch) + noise) * batch.response_mask
+    got = [make(ckpt, micro=micro, mode="never", **{"rl.algorithm.loss_agg": loss_agg})[1].rl_step(batch)
+           for micro in (9, 2, 4)]
+    assert "num_seqs" not in got[0]
+    for m in got[1:]:
+        assert m.keys() == got[0].keys()
+        for k, v in got[0].items():
+            assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
