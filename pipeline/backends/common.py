@@ -74,14 +74,18 @@ def hf_logits(model: Any, mb: TokenBatch) -> Tensor:
 
 
 def length_sorted_micro_batches(batch: TokenBatch, micro_batch_size: int) -> list[tuple[Tensor, TokenBatch]]:
-    """``batch`` cut into micro-batches of at most ``micro_batch_size`` rows after sorting the rows by length (longest
-    first, ties in row order), each cut to its own longest sequence: far less padding than cutting in row order to the
-    batch's longest. Returns ``(rows, micro_batch)`` pairs, ``rows`` (b,) the LongTensor of the micro-batch's row
-    indices in ``batch``. Needs right padding (:meth:`lampo.record.TokenBatch.from_sequences`): positions past a row's
-    length are padding, which a causal model's outputs at the real positions do not see, so cutting them changes
-    nothing but float rounding."""
+    """``batch`` cut into micro-batches of at most ``micro_batch_size`` rows, after sorting the rows by length
+    (longest first, ties in row order) when there is more than one, each cut to its own longest sequence: far less
+    padding than cutting in row order to the batch's longest. Returns ``(rows, micro_batch)`` pairs, ``rows`` (b,) the
+    LongTensor of the micro-batch's row indices in ``batch``. Needs right padding
+    (:meth:`lampo.record.TokenBatch.from_sequences`): positions past a row's length are padding, which a causal
+    model's outputs at the real positions do not see, so cutting them changes nothing but float rounding. A batch that
+    fits one micro-batch keeps its row order (sorting would only move rows, and so the rounding of sums over them)."""
     lengths = batch.attention_mask.sum(dim=1)  # (B,)
-    order = torch.sort(lengths, descending=True, stable=True).indices
+    if len(batch) <= micro_batch_size:
+        order = torch.arange(len(batch))
+    else:
+        order = torch.sort(lengths, descending=True, stable=True).indices
     out = []
     for start in range(0, len(batch), micro_batch_size):
         rows = order[start:start + micro_batch_size]

@@ -6,7 +6,9 @@ Where this departs from the paper (arXiv 2605.21235), or fills a gap it leaves:
   normalised by default; ``rl.algorithm.length_normalized_score``), not the rollout engine's, unless
   ``rl.algorithm.recompute_old_logprobs=false``;
 * one RL iteration samples ``rl.prompts_per_iteration`` prompts x ``rollout.n_samples`` responses, then runs
-  ``ppo_epochs`` passes of mini-batches of ``rl.mini_batch_size`` sequences (each an optimizer step);
+  ``ppo_epochs`` passes of mini-batches of ``rl.mini_batch_size`` sequences (each an optimizer step); when that is a
+  single step, the old log-probs (and so the sequence scores) are that step's own forward's, detached, instead of a
+  separate forward's: the same numbers, one forward fewer (:func:`single_step`, ``backend.old_logprobs_from_step``);
 * the rollout engine gets the trainer's weights at the start of each iteration (``rl.eval_every`` evaluates
   them there too, so iteration N's evaluation describes the policy after N updates);
 * with ``rl.algorithm.dynamic_sampling`` the groups whose rewards are all equal are dropped (DAPO); no re-sampling

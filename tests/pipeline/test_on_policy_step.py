@@ -204,6 +204,8 @@ def test_micro_batches_are_sorted_by_length_and_cut_to_their_longest():
         assert torch.equal(mb.input_ids, batch.input_ids[r, :mb.input_ids.shape[1]])
         assert torch.equal(mb.advantages, batch.advantages[r])
         assert mb.attention_mask.sum() == lengths[r].sum()  # nothing real was cut
+    (rows, whole), = length_sorted_micro_batches(batch, 11)  # one micro-batch: row order kept, padding cut
+    assert rows.tolist() == list(range(11)) and whole.input_ids.shape[1] == int(lengths.max())
 
 
 def test_token_logprobs_keep_the_batch_order_and_layout(ckpt):
