@@ -184,6 +184,9 @@ class BackendConfig:
     zero_stage: int = 2  # deepspeed only
     offload_optimizer: bool = False  # deepspeed only
     bf16: bool = False  # GPU only
+    # an RL iteration with one optimizer step takes its old log-probs from the training forward (no separate forward):
+    # auto | always | never ("always" holds every micro-batch's activations at once; auto: one micro-batch, or CPU)
+    old_logprobs_from_step: str = "auto"
 
 
 @dataclass
@@ -468,6 +471,7 @@ def validate(cfg: Config) -> Config:
            f"rollout.sglang_mem_fraction={cfg.rollout.sglang_mem_fraction} must be in (0, 1): it is the share of a "
            "GPU's memory that SGLang takes for its weights and KV cache, the rest is left to the trainer")
     _check(cfg.eval.temperature >= 0, f"eval.temperature={cfg.eval.temperature} must be >= 0 (0 is greedy)")
+    one_of(cfg.backend.old_logprobs_from_step, ("auto", "always", "never"), "backend.old_logprobs_from_step")
     algo = cfg.rl.algorithm
     _check(algo.lampo_temperature > 0, f"rl.algorithm.lampo_temperature={algo.lampo_temperature} must be > 0")
     _check(algo.clip_low >= 0 and algo.clip_high >= 0, "rl.algorithm.clip_low and clip_high must be >= 0")

@@ -27,6 +27,18 @@ reports ``skipped_updates`` (1 or 0); :meth:`TrainingBackend._count_step` counts
 :class:`NonFiniteSteps` at ``run.max_nonfinite_in_a_row``; the stages log each skip and name the step and the
 checkpoint to resume from.
 
+No host round-trip inside the micro-batch loop: the non-finite test and the poisoning are tensor operations
+(:func:`_bad_on`, :func:`_poisoned`), and each :class:`MicroStep` may carry its token count and loss as 0-d tensors,
+read together once after the loop (the metrics of :func:`lampo.losses.policy_objective` still cost it one read per
+micro-batch, and its input checks a few more: that is the library's, shared by every backend).
+
+Old log-probs from the step's own forward (:meth:`TrainingBackend.rl_step_on_policy`): when an RL iteration takes a
+single optimizer step (one PPO epoch, one mini-batch), the policy that sampled the responses is the one being
+trained, so the old log-probs are the training forward's own, detached, and the ratio is exactly 1: no separate
+no-grad forward. A backend that can keep every micro-batch's graph until the losses are built says so
+(:meth:`TrainingBackend.fuses_old_logprobs`) and supplies :meth:`TrainingBackend._forward_keep` and
+:meth:`TrainingBackend._backward_kept`.
+
 World size 1 and parallel degree 1 go through the same code as the distributed case.
 """
 from __future__ import annotations
@@ -43,7 +55,14 @@ from torch import Tensor
 
 from lampo.losses import loss_normalizers
 from lampo.record import TokenBatch
-from pipeline.backends.common import entropy_aligned, merge_metrics, rl_loss, sft_loss, token_logprobs_from_logits
+from pipeline.backends.common import (
+    NUM_SEQS,
+    entropy_aligned,
+    merge_metrics,
+    rl_loss,
+    sft_loss,
+    token_logprobs_from_logits,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -75,18 +94,28 @@ def _zeroed(t: Tensor | None) -> Tensor | None:
 def _poisoned(loss: Tensor, bad: Tensor | bool = False) -> Tensor:
     """``loss``, or ``loss * NaN`` when it or its inputs (``bad``) are not finite: then its gradient is NaN wherever
     it reaches, so the gradient-norm check of every backend skips the step, even where the loss alone is infinite with
-    a finite gradient (``loss + inf``). One host sync (the backends read ``loss.item()`` right after anyway)."""
-    if bool(bad | ~torch.isfinite(loss.detach())):
-        return loss * math.nan
-    return loss
+    a finite gradient (``loss + inf``). No host sync: ``loss`` times 1 or NaN, chosen on the device."""
+    poison = torch.as_tensor(bad, device=loss.device) | ~torch.isfinite(loss.detach())
+    return loss * torch.where(poison, math.nan, 1.0).to(loss.dtype)
 
 
 class MicroStep(NamedTuple):
     """What the forward-backward of one micro-batch reports: its response-token count (the weight of its metrics),
-    its loss (an additive share of the batch loss: global normalisers) and its metrics (None for SFT)."""
-    tokens: float
-    loss: float
+    its loss (an additive share of the batch loss: global normalisers) and its metrics (None for SFT). The count and
+    the loss may be 0-d tensors (no host sync per micro-batch): :func:`_to_floats` reads them all at once."""
+    tokens: float | Tensor
+    loss: float | Tensor
     metrics: dict[str, float] | None
+
+
+def _to_floats(parts: list[MicroStep]) -> list[MicroStep]:
+    """``parts`` with every token count and loss a Python float, read from the device in one transfer."""
+    if not parts:
+        return []
+    flat = [v.detach() if isinstance(v, Tensor) else v for p in parts for v in (p.tokens, p.loss)]
+    device = next((v.device for v in flat if isinstance(v, Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in flat]).tolist()
+    return [MicroStep(values[2 * i], values[2 * i + 1], p.metrics) for i, p in enumerate(parts)]
 
 
 # a micro-batch's loss (with grad) and metrics (None for SFT) from the model's output on it (the last pipeline stage's
@@ -139,7 +168,7 @@ class TrainingBackend(ABC):
             lp, _ = self._per_token(output, mb, entropy=False)
             return _poisoned(sft_loss(lp, mb, num_tokens)), None
 
-        parts = self._forward_backward(batch, loss_fn)
+        parts = _to_floats(self._forward_backward(batch, loss_fn))
         loss = sum(p.loss for p in parts)
         return {"loss": loss, **self._count_step(loss, self._optimizer_step())}
 
@@ -154,20 +183,69 @@ class TrainingBackend(ABC):
 
         def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
             lp, ent = self._per_token(output, mb, entropy=True)
-            bad = _bad_on(mb.response_mask, lp, ent, mb.old_logprobs, mb.ref_logprobs, mb.advantages)
-            if bool(bad):  # lampo refuses non-finite inputs: build the loss from zeroed ones, then poison it
-                lp, ent = _zeroed(lp), _zeroed(ent)
-                mb = dataclasses.replace(mb, old_logprobs=_zeroed(mb.old_logprobs),
-                                         ref_logprobs=_zeroed(mb.ref_logprobs), advantages=_zeroed(mb.advantages))
-            # metrics describe the micro-batch alone; merged by token share below
-            loss, metrics = rl_loss(lp, ent, mb, algo, **norm)
-            return _poisoned(loss, bad), metrics
+            return self._rl_loss(lp, ent, mb, algo, norm)
 
-        parts = self._forward_backward(batch, loss_fn)
+        return self._finish_rl_step(self._forward_backward(batch, loss_fn))
+
+    def rl_step_on_policy(self, batch: TokenBatch, advantages_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """One optimizer step of the policy objective whose behaviour policy is the current one (an RL iteration with a
+        single optimizer step): the old log-probs are the training forward's own, detached (ratio exactly 1), so no
+        separate no-grad forward is run. Gives the update :meth:`rl_step` gives with ``old_logprobs`` from
+        :meth:`token_logprobs` (up to float rounding).
+
+        ``batch`` carries no ``old_logprobs`` or ``advantages`` (``ref_logprobs`` with KL). Every micro-batch is
+        forwarded with grad and its graph kept; then ``advantages_fn(old_logprobs)`` gets the detached log-probs of
+        the whole batch ((B, T), on the host, padding 0, the layout of :meth:`token_logprobs`) and returns the
+        advantages (B,): LamPO's sequence scores need every response of a group before any loss. Then each
+        micro-batch's loss is built and back-propagated. Memory: the activations of the whole step at once, not of one
+        micro-batch, which is why :meth:`fuses_old_logprobs` decides when this is used. Returns what :meth:`rl_step`
+        returns. Non-finite log-probs from the forward skip the step like any other non-finite input (``advantages_fn``
+        must not raise on them: :func:`lampo.advantages.sequence_scores` does, so give it finite stand-ins)."""
+        if batch.old_logprobs is not None or batch.advantages is not None:
+            raise ValueError("rl_step_on_policy computes old_logprobs and advantages itself; the batch carries "
+                             "them already: use rl_step")
+        norm, algo = self._normalizers(batch), self.cfg.rl.algorithm
+        kept = self._forward_keep(batch, lambda out, mb: self._per_token(out, mb, entropy=True))
+        old = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # (B, T)
+        for rows, mb, (lp, _) in kept:
+            old[rows, :lp.shape[1]] = (lp.detach() * mb.attention_mask).float().cpu()
+        adv = advantages_fn(old)  # (B,)
+        if adv.shape != (len(batch),):
+            raise ValueError(f"advantages_fn returned shape {tuple(adv.shape)}; expected ({len(batch)},)")
+        losses, parts = [], []
+        for rows, mb, (lp, ent) in kept:
+            mb = dataclasses.replace(mb, old_logprobs=lp.detach(), advantages=adv[rows].to(lp.device))
+            loss, metrics = self._rl_loss(lp, ent, mb, algo, norm)
+            losses.append(loss)
+            parts.append(MicroStep(mb.response_mask.sum(), loss.detach(), metrics))
+        self._backward_kept(losses)
+        return self._finish_rl_step(parts)
+
+    def fuses_old_logprobs(self, num_sequences: int) -> bool:
+        """Whether an RL optimizer step of ``num_sequences`` that is the iteration's only one should take its old
+        log-probs from its own forward (:meth:`rl_step_on_policy`) rather than a separate no-grad forward. Backends
+        that cannot keep the micro-batches' graphs (the default) say no; see the torch backend for the setting."""
+        return False
+
+    def _rl_loss(self, lp: Tensor, ent: Tensor | None, mb: TokenBatch, algo: Any,
+                 norm: dict[str, int]) -> tuple[Tensor, dict[str, float]]:
+        """One micro-batch's poisoned RL loss and metrics (:func:`~.common.rl_loss`). lampo refuses non-finite
+        inputs, so the loss is built from inputs with NaN/inf replaced by 0 (the identity on finite ones, whatever
+        their value) and then poisoned when any was not finite: no host sync to decide which."""
+        bad = _bad_on(mb.response_mask, lp, ent, mb.old_logprobs, mb.ref_logprobs, mb.advantages)
+        mb = dataclasses.replace(mb, old_logprobs=_zeroed(mb.old_logprobs), ref_logprobs=_zeroed(mb.ref_logprobs),
+                                 advantages=_zeroed(mb.advantages))
+        loss, metrics = rl_loss(_zeroed(lp), _zeroed(ent), mb, algo, **norm)  # metrics: the micro-batch alone
+        return _poisoned(loss, bad), {**metrics, NUM_SEQS: float(len(mb))}
+
+    def _finish_rl_step(self, parts: list[MicroStep]) -> dict[str, float]:
+        """The optimizer step after the micro-batches' backward, and the step's metrics: the loss is the exact sum of
+        the micro-batch shares, the other metrics are merged exactly (:func:`~.common.merge_metrics`), so they do not
+        depend on how the batch was split either."""
+        parts = _to_floats(parts)
         loss = sum(p.loss for p in parts)
         stats = self._count_step(loss, self._optimizer_step())
-        # the loss is the exact sum of the micro-batch shares; the other metrics are merged by token share
-        merged = merge_metrics([(p.tokens, p.metrics) for p in parts])
+        merged = merge_metrics([(p.tokens, p.metrics) for p in parts], self.cfg.rl.algorithm.loss_agg)
         return {**merged, "loss": loss, **stats}
 
     def _normalizers(self, batch: TokenBatch) -> dict[str, int]:
@@ -192,6 +270,18 @@ class TrainingBackend(ABC):
         ``backend.micro_batch_size``), each through ``loss_fn(output, micro_batch)``, gradients accumulated for one
         optimizer step. Returns one :class:`MicroStep` for every micro-batch of the whole batch, in micro-batch order,
         the same on every rank."""
+
+    def _forward_keep(self, batch: TokenBatch, per_token: Callable[[Tensor, TokenBatch], Any]
+                      ) -> list[tuple[Tensor, TokenBatch, Any]]:
+        """Forward every micro-batch of ``batch`` with grad and keep what ``per_token(output, micro_batch)`` returns
+        (its graph with it), for :meth:`rl_step_on_policy`: one ``(rows, micro_batch, per_token result)`` per
+        micro-batch, ``rows`` the indices of its rows in ``batch`` (a LongTensor; the micro-batch may be cut to its
+        longest sequence). Only for backends whose :meth:`fuses_old_logprobs` can say yes."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep micro-batch graphs (fuses_old_logprobs)")
+
+    def _backward_kept(self, losses: list[Tensor]) -> None:
+        """Back-propagate the losses of :meth:`_forward_keep`'s micro-batches, gradients accumulated for one step."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep micro-batch graphs (fuses_old_logprobs)")
 
     @abstractmethod
     def _optimizer_step(self) -> dict[str, float]:

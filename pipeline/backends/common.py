@@ -77,6 +77,36 @@ def hf_logits(model: Any, mb: TokenBatch) -> Tensor:
     return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
 
+def length_sorted_micro_batches(batch: TokenBatch, micro_batch_size: int) -> list[tuple[Tensor, TokenBatch]]:
+    """``batch`` cut into micro-batches of at most ``micro_batch_size`` rows, after sorting the rows by length
+    (longest first, ties in row order) when there is more than one, each cut to its own longest sequence: far less
+    padding than cutting in row order to the batch's longest. Returns ``(rows, micro_batch)`` pairs, ``rows`` (b,) the
+    LongTensor of the micro-batch's row indices in ``batch``. Needs right padding
+    (:meth:`lampo.record.TokenBatch.from_sequences`): positions past a row's length are padding, which a causal
+    model's outputs at the real positions do not see, so cutting them changes nothing but float rounding. A batch that
+    fits one micro-batch keeps its row order (sorting would only move rows, and so the rounding of sums over them)."""
+    lengths = batch.attention_mask.sum(dim=1)  # (B,)
+    if len(batch) <= micro_batch_size:
+        order = torch.arange(len(batch))
+    else:
+        order = torch.sort(lengths, descending=True, stable=True).indices
+    out = []
+    for start in range(0, len(batch), micro_batch_size):
+        rows = order[start:start + micro_batch_size]
+        width = max(int(lengths[rows].max()), 1) if len(rows) else 0
+        out.append((rows, trim(batch.select(rows), width)))
+    return out
+
+
+def trim(batch: TokenBatch, width: int) -> TokenBatch:
+    """``batch`` with every (B, T) field cut to its first ``width`` positions (advantages (B,) kept)."""
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:, :width]
+
+    return TokenBatch(cut(batch.input_ids), cut(batch.attention_mask), cut(batch.response_mask),  # type: ignore[arg-type]
+                      cut(batch.old_logprobs), cut(batch.ref_logprobs), batch.advantages)
+
+
 def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
     """Per-token log-probs aligned with ``input_ids``.
 
@@ -122,16 +152,33 @@ def rl_loss(logprobs: Tensor, entropy: Tensor | None, mb: TokenBatch, algo: Algo
     return loss, metrics  # a non-finite loss is the base class's to skip (TrainingBackend.rl_step)
 
 
-def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """Combine micro-batch metrics weighted by their share of tokens; ``*_max`` keys take the max, ``*_min`` the min."""
+#: the key under which a micro-batch's metrics carry its sequence count, for :func:`merge_metrics`
+NUM_SEQS = "num_seqs"
+#: the metrics of :func:`lampo.losses.policy_objective` that are aggregated like the loss (``rl.algorithm.loss_agg``);
+#: the others are token means or maxima
+LOSS_LIKE = frozenset({"loss", "pg_loss", "kl", "entropy"})
+
+
+def merge_metrics(parts: list[tuple[float, dict[str, float]]], loss_agg: str = "token-mean") -> dict[str, float]:
+    """Combine micro-batch metrics into the whole batch's, exactly whatever the split: ``*_max`` keys take the max,
+    ``*_min`` the min; token means are weighted by each micro-batch's response tokens (the ``float`` of each part);
+    the loss-like metrics (:data:`LOSS_LIKE`) under a ``seq-*`` ``loss_agg`` are means over sequences, so they are
+    weighted by each micro-batch's sequence count (its metrics' :data:`NUM_SEQS` entry, dropped from the result)."""
     out: dict[str, float] = {}
     total = sum(w for w, _ in parts) or 1.0
-    for w, m in parts:
+    seqs = [m.get(NUM_SEQS) for _, m in parts]
+    by_seqs = loss_agg != "token-mean" and all(n is not None for n in seqs)
+    total_seqs = sum(seqs) if by_seqs else 0.0  # type: ignore[arg-type]
+    for (w, m), n in zip(parts, seqs):
         for k, v in m.items():
+            if k == NUM_SEQS:
+                continue
             if k.endswith("_max"):
                 out[k] = max(out.get(k, -math.inf), v)
             elif k.endswith("_min"):
                 out[k] = min(out.get(k, math.inf), v)
+            elif by_seqs and k in LOSS_LIKE:
+                out[k] = out.get(k, 0.0) + v * n / (total_seqs or 1.0)
             else:
                 out[k] = out.get(k, 0.0) + v * w / total
     return out

@@ -21,6 +21,7 @@ from pipeline.backends.base import LossFn, MicroStep, TrainingBackend
 from pipeline.backends.common import (
     OptimizerSpec,
     hf_logits,
+    length_sorted_micro_batches,
     load_checkpoint_file,
     rng_state,
     set_rng_state,
@@ -52,22 +53,48 @@ class TorchBackend(TrainingBackend):
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
         model = self._scoring_model(self.model, reference)
-        out = []
-        for mb in batch.split(self.cfg.backend.micro_batch_size):
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # (B, T)
+        for rows, mb in self._micro_batches(batch):
             mb = mb.to(self.device)
             lp = token_logprobs_from_logits(hf_logits(model, mb), mb.input_ids)
-            out.append((lp * mb.attention_mask).cpu())
-        return torch.cat(out)
+            out[rows, :lp.shape[1]] = (lp * mb.attention_mask).float().cpu()
+        return out
+
+    def _micro_batches(self, batch: TokenBatch) -> list[tuple[Tensor, TokenBatch]]:
+        """Micro-batches of ``backend.micro_batch_size`` rows sorted by length, each cut to its longest sequence
+        (:func:`~.common.length_sorted_micro_batches`): every rank trains on the whole batch, so any split will do."""
+        return length_sorted_micro_batches(batch, self.cfg.backend.micro_batch_size)
 
     # --- the backend's part of the training step (TrainingBackend.sft_step / rl_step) ------------------------------
     def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
         parts = []
-        for mb in batch.split(self.cfg.backend.micro_batch_size):
+        for _, mb in self._micro_batches(batch):
             mb = mb.to(self.device)
             loss, metrics = loss_fn(hf_logits(self.model, mb), mb)
             loss.backward()
-            parts.append(MicroStep(mb.response_mask.sum().item(), loss.item(), metrics))
+            parts.append(MicroStep(mb.response_mask.sum(), loss.detach(), metrics))  # read once, after the loop
         return parts
+
+    def fuses_old_logprobs(self, num_sequences: int) -> bool:
+        """``backend.old_logprobs_from_step``: ``never``; ``always`` (memory: the whole step's activations,
+        every micro-batch's at once); ``auto`` when the step is one micro-batch (no extra memory) or trains on the
+        CPU (host memory: the activations of ``ceil(num_sequences / micro_batch_size)`` micro-batches instead of
+        one)."""
+        mode = self.cfg.backend.old_logprobs_from_step
+        if mode != "auto":
+            return mode == "always"
+        return num_sequences <= self.cfg.backend.micro_batch_size or self.device.type == "cpu"
+
+    def _forward_keep(self, batch: TokenBatch, per_token) -> list[tuple[Tensor, TokenBatch, object]]:
+        out = []
+        for rows, mb in self._micro_batches(batch):
+            mb = mb.to(self.device)
+            out.append((rows, mb, per_token(hf_logits(self.model, mb), mb)))
+        return out
+
+    def _backward_kept(self, losses: list[Tensor]) -> None:
+        for loss in losses:  # disjoint graphs: each is freed as soon as it is done
+            loss.backward()
 
     def _optimizer_step(self) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.backend.grad_clip)

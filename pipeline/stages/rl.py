@@ -6,7 +6,9 @@ Where this departs from the paper (arXiv 2605.21235), or fills a gap it leaves:
   normalised by default; ``rl.algorithm.length_normalized_score``), not the rollout engine's, unless
   ``rl.algorithm.recompute_old_logprobs=false``;
 * one RL iteration samples ``rl.prompts_per_iteration`` prompts x ``rollout.n_samples`` responses, then runs
-  ``ppo_epochs`` passes of mini-batches of ``rl.mini_batch_size`` sequences (each an optimizer step);
+  ``ppo_epochs`` passes of mini-batches of ``rl.mini_batch_size`` sequences (each an optimizer step); when that is a
+  single step, the old log-probs (and so the sequence scores) are that step's own forward's, detached, instead of a
+  separate forward's: the same numbers, one forward fewer (:func:`single_step`, ``backend.old_logprobs_from_step``);
 * the rollout engine gets the trainer's weights at the start of each iteration (``rl.eval_every`` evaluates
   them there too, so iteration N's evaluation describes the policy after N updates);
 * with ``rl.algorithm.dynamic_sampling`` the groups whose rewards are all equal are dropped (DAPO); no re-sampling
@@ -27,6 +29,7 @@ seeds (HF; SGLang only with ``rollout.sglang_deterministic``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
@@ -34,7 +37,7 @@ from tqdm import tqdm
 
 from evaluation.report import scalars
 from lampo.advantages import ADVANTAGE_ESTIMATORS, pairwise_weight_stats, sequence_scores, uniform_groups
-from lampo.record import RolloutBatch
+from lampo.record import RolloutBatch, TokenBatch
 from lampo.rewards import build_reward
 from lampo.seeds import derive_seed
 from pipeline import dist, preempt
@@ -59,32 +62,104 @@ def make_engine(cfg, model_path, tokenizer, backend: TrainingBackend) -> Rollout
     return cls(model_path, tokenizer, cfg)
 
 
+@dataclasses.dataclass
+class OnPolicyStep:
+    """What :func:`advantages` hands :func:`update` when the iteration's single optimizer step takes its old
+    log-probs from its own forward (:meth:`~pipeline.backends.base.TrainingBackend.rl_step_on_policy`): the token
+    batch without old log-probs or advantages yet, the rollout batch to write the advantages into, and the metrics
+    known before the step. ``old_logprobs`` and ``advantages`` of ``tb`` are filled in by the step."""
+    tb: TokenBatch
+    batch: RolloutBatch
+    metrics: dict[str, float]
+
+    def __len__(self) -> int:
+        return len(self.tb)
+
+
+def single_step(ctx: Context, backend: TrainingBackend, n: int) -> bool:
+    """Whether the iteration's update of ``n`` sequences is one optimizer step on the policy that sampled them, with
+    old log-probs taken from that step's own forward: one PPO epoch, one mini-batch, old log-probs recomputed by the
+    trainer (the engine's are another policy's numbers), no dynamic sampling (which drops groups by reward after the
+    scores are taken), and the backend agrees (``backend.old_logprobs_from_step``)."""
+    rl, algo = ctx.cfg.rl, ctx.cfg.rl.algorithm
+    return (algo.ppo_epochs == 1 and 0 < n <= rl.mini_batch_size and algo.recompute_old_logprobs
+            and not algo.dynamic_sampling and backend.fuses_old_logprobs(n))
+
+
 def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
-    """Old (and reference) log-probs, sequence scores and advantages; returns the token batch and metrics."""
+    """Old (and reference) log-probs, sequence scores and advantages; returns the token batch and metrics.
+
+    When the iteration takes a single optimizer step (:func:`single_step`), the old log-probs are the update's own
+    forward's: this returns an :class:`OnPolicyStep` (reference log-probs already in it) and :func:`update` computes
+    the scores and advantages between that forward and the backward, with the same code as here
+    (:func:`score_and_advantages`)."""
     algo = ctx.cfg.rl.algorithm
     tb = batch.to_token_batch(ctx.pad_id)
-    if algo.recompute_old_logprobs or tb.old_logprobs is None:
-        tb.old_logprobs = backend.token_logprobs(tb)
     if algo.kl_coef > 0:
         tb.ref_logprobs = backend.token_logprobs(tb, reference=True)
-    s = sequence_scores(tb.old_logprobs, tb.response_mask, length_normalized=algo.length_normalized_score)
-    rewards, groups = batch.rewards, batch.group_index
-    adv = ADVANTAGE_ESTIMATORS[algo.advantage](rewards, groups, seq_logprob=s, temperature=algo.lampo_temperature,
-                                               pair_weight=algo.lampo_weight, scale_normalize=algo.scale_normalize)
-    batch.set_advantages(adv)
-    tb.advantages = adv
-    m = {"adv_mean": adv.mean().item(), "adv_std": adv.std(correction=0).item(), "adv_abs_max": adv.abs().max().item(),
-         **{f"pairwise_{k}": v for k, v in pairwise_weight_stats(rewards, groups, s, algo.lampo_temperature,
-                                                                 pair_weight=algo.lampo_weight).items()}}
-    keep = ~uniform_groups(rewards, groups)
-    m["uniform_group_frac"] = 1.0 - keep.float().mean().item()
+    keep = ~uniform_groups(batch.rewards, batch.group_index)
+    m = {"uniform_group_frac": 1.0 - keep.float().mean().item()}
+    if single_step(ctx, backend, len(tb)):
+        tb.old_logprobs = tb.advantages = None
+        return OnPolicyStep(tb, batch, m), m
+    if algo.recompute_old_logprobs or tb.old_logprobs is None:
+        tb.old_logprobs = backend.token_logprobs(tb)
+    tb.advantages = score_and_advantages(ctx, batch, tb.old_logprobs, tb.response_mask, m)
     if algo.dynamic_sampling:
         tb = tb.select(keep.nonzero().squeeze(-1))
     return tb, m
 
 
+def score_and_advantages(ctx: Context, batch: RolloutBatch, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                         m: dict[str, float]) -> torch.Tensor:
+    """Sequence scores from ``old_logprobs`` (B, T), then the advantages (B,), written into ``batch`` and returned;
+    their metrics are added to ``m``.
+
+    Old log-probs that are NaN or infinite on a response token (a broken engine or forward) cannot be scored: those
+    rows get a score from their log-probs with the bad values read as 0, so that the advantages can be computed, and
+    ``m["nonfinite_old_logprobs"]`` counts the rows; the old log-probs themselves stay as they are, so the optimizer
+    step sees them and is skipped and counted like any other non-finite step (:mod:`pipeline.backends.base`)."""
+    algo = ctx.cfg.rl.algorithm
+    finite = torch.isfinite(old_logprobs) | ~response_mask.bool()  # (B, T)
+    bad_rows = int((~finite.all(dim=1)).sum())
+    if bad_rows:
+        old_logprobs = torch.where(finite, old_logprobs, 0.0)
+    m["nonfinite_old_logprobs"] = float(bad_rows)
+    s = sequence_scores(old_logprobs, response_mask, length_normalized=algo.length_normalized_score)
+    rewards, groups = batch.rewards, batch.group_index
+    adv = ADVANTAGE_ESTIMATORS[algo.advantage](rewards, groups, seq_logprob=s, temperature=algo.lampo_temperature,
+                                               pair_weight=algo.lampo_weight, scale_normalize=algo.scale_normalize)
+    batch.set_advantages(adv)
+    m.update({"adv_mean": adv.mean().item(), "adv_std": adv.std(correction=0).item(),
+              "adv_abs_max": adv.abs().max().item(),
+              **{f"pairwise_{k}": v for k, v in pairwise_weight_stats(rewards, groups, s, algo.lampo_temperature,
+                                                                      pair_weight=algo.lampo_weight).items()}})
+    return adv
+
+
 def update(ctx: Context, backend: TrainingBackend, tb, it: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of optimizer steps over shuffled mini-batches of ``tb``; for an :class:`OnPolicyStep`,
+    its one step (old log-probs, scores and advantages from the step's own forward; their metrics are returned
+    too). Returns the steps' metrics merged."""
     rl, parts = ctx.cfg.rl, []
+    if isinstance(tb, OnPolicyStep):
+        fault_point("rl_update")
+        pending = tb
+
+        def advantages_fn(old: torch.Tensor) -> torch.Tensor:
+            pending.tb.old_logprobs = old
+            pending.tb.advantages = score_and_advantages(ctx, pending.batch, old, pending.tb.response_mask,
+                                                         pending.metrics)
+            return pending.tb.advantages
+
+        where = f"iteration {it + 1}, update 1 of 1"
+        try:
+            step = backend.rl_step_on_policy(dataclasses.replace(tb.tb), advantages_fn)
+        except NonFiniteSteps as e:
+            raise ctx.nonfinite_stop("rl", e, where) from None
+        if step.get("skipped_updates"):
+            ctx.note_skipped_step(backend, "rl", step, where)
+        return {**pending.metrics, **step}
     gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.run.seed, "rl_minibatches", it))
     per_epoch = -(-len(tb) // rl.mini_batch_size)
     for epoch in range(rl.algorithm.ppo_epochs):

@@ -106,14 +106,29 @@ def copy_batch(batch: TokenBatch) -> TokenBatch:
 
 
 class RecordingBackend:
-    """The two calls the RL stage's training steps make, recorded with (copies of) the batches they got.
+    """The calls the RL stage's training steps make, recorded with (copies of) the batches they got.
 
     ``rl_step`` returns metrics that identify the call: ``step`` (its index), ``rows`` (its batch size) and a
-    ``ratio_max`` that differs per call."""
+    ``ratio_max`` that differs per call. With ``on_policy=True`` the backend agrees to take a single step's old
+    log-probs from its own forward (``fuses_old_logprobs``): ``rl_step_on_policy`` hands ``advantages_fn`` the
+    policy's log-probs (as ``token_logprobs`` would give them, padding 0), records the batch with the old log-probs
+    and the advantages it got back in ``steps``, and counts itself in ``on_policy_calls``."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_policy: bool = False) -> None:
         self.logprob_calls: list[tuple[TokenBatch, bool]] = []
         self.steps: list[TokenBatch] = []
+        self.on_policy, self.on_policy_calls = on_policy, 0
+
+    def fuses_old_logprobs(self, num_sequences: int) -> bool:
+        return self.on_policy
+
+    def rl_step_on_policy(self, batch: TokenBatch, advantages_fn) -> dict[str, float]:
+        assert batch.old_logprobs is None and batch.advantages is None
+        self.on_policy_calls += 1
+        old = policy_logprobs(batch) * batch.attention_mask
+        done = copy_batch(batch)
+        done.old_logprobs, done.advantages = old, advantages_fn(old.clone())
+        return self.rl_step(done)
 
     def token_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> Tensor:
         self.logprob_calls.append((copy_batch(batch), reference))

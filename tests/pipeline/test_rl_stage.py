@@ -52,10 +52,12 @@ N = 4  # rollout.n_samples
 BASE = ("rollout.n_samples=4", "rl.mini_batch_size=16", "run.seed=3")
 
 
-def chain(*overrides: str, it: int = 0):
-    """collect (one engine) -> gather -> advantages -> update, as ``rl.run`` chains them; returns everything."""
+def chain(*overrides: str, it: int = 0, on_policy: bool = False):
+    """collect (one engine) -> gather -> advantages -> update, as ``rl.run`` chains them; returns everything.
+    ``on_policy``: the backend takes a single step's old log-probs from its own forward (``fuses_old_logprobs``)."""
     ctx = make_ctx(*BASE, *overrides)
-    engine, reward, backend = ScriptedEngine(SCRIPT, ctx.tokenizer), RecordingReward(), RecordingBackend()
+    engine, reward = ScriptedEngine(SCRIPT, ctx.tokenizer), RecordingReward()
+    backend = RecordingBackend(on_policy=on_policy)
     local = rl.collect(ctx, engine, reward, RolloutGroups(1, 0, 1), ROWS, it)
     batch, m = rl.gather_shards([local])
     tb, adv_m = rl.advantages(ctx, backend, batch)
@@ -368,3 +370,31 @@ def test_run_builds_the_backend_with_the_rl_sections_optimizer_settings(monkeypa
     assert seen["path"] == "the-sft-model" and seen["cfg"] is ctx.cfg
     assert (seen["lr"], seen["min_lr_ratio"], seen["warmup_steps"], seen["weight_decay"]) == (2e-5, floor, 3, 0.01)
     assert seen["total_steps"] == 5 * 2 * 1  # 4 prompts x 4 samples = one mini-batch of 16, two epochs, 5 iterations
+
+
+# --- one optimizer step: old log-probs from the step's own forward ----------------------------------------------------
+@pytest.mark.parametrize("kl", [0.0, 0.05])
+def test_a_single_step_scores_with_the_steps_own_logprobs_and_trains_every_row_once(kl):
+    separate = chain(f"rl.algorithm.kl_coef={kl}")
+    fused = chain(f"rl.algorithm.kl_coef={kl}", on_policy=True)
+    backend = fused["backend"]
+    assert isinstance(fused["tb"], rl.OnPolicyStep) and backend.on_policy_calls == 1
+    assert called_rows(backend, reference=False) == []  # no separate forward of the policy
+    assert sorted(called_rows(backend, reference=True)) == sorted(called_rows(separate["backend"], reference=True))
+    assert fused["batch"].advantages.tolist() == pytest.approx(separate["batch"].advantages.tolist(), abs=1e-6)
+    assert fused["batch"].advantages.tolist() == pytest.approx(
+        lampo_by_hand(REWARDS, [g for *_, g in expected_rows()], scores(True), 1.0), abs=1e-6)
+    (step,) = backend.steps
+    assert sorted(row_key(step, i) for i in range(len(step))) == sorted(tuple(p + r) for p, r, _ in expected_rows())
+    assert torch.equal(step.old_logprobs, policy_logprobs(step))
+    m = {**fused["metrics"], **fused["update"]}
+    for k in ("adv_mean", "adv_std", "pairwise_weight_mean", "uniform_group_frac", "ratio_max", "rows"):
+        assert m[k] == pytest.approx({**separate["metrics"], **separate["update"]}[k]), k
+
+
+@pytest.mark.parametrize("overrides", [("rl.algorithm.ppo_epochs=2",), ("rl.mini_batch_size=8",),
+                                       ("rl.algorithm.dynamic_sampling=true",),
+                                       ("rl.algorithm.recompute_old_logprobs=false",)])
+def test_several_steps_or_other_old_logprobs_keep_the_separate_forward(overrides):
+    out = chain(*overrides, on_policy=True)
+    assert not isinstance(out["tb"], rl.OnPolicyStep) and out["backend"].on_policy_calls == 0
