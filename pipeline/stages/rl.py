@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from evaluation.report import scalars
-from lampo.advantages import ADVANTAGE_ESTIMATORS, pairwise_weight_stats, sequence_scores, uniform_groups
+from lampo.advantages import ADVANTAGE_ESTIMATORS, drop_uniform_groups, pairwise_weight_stats, sequence_scores
 from lampo.record import RolloutBatch, TokenBatch
 from lampo.rewards import build_reward
 from lampo.seeds import derive_seed
@@ -97,8 +97,13 @@ def advantages(ctx: Context, backend: TrainingBackend, batch: RolloutBatch):
     tb = batch.to_token_batch(ctx.pad_id)
     if algo.kl_coef > 0:
         tb.ref_logprobs = backend.token_logprobs(tb, reference=True)
-    keep = ~uniform_groups(batch.rewards, batch.group_index)
-    m = {"uniform_group_frac": 1.0 - keep.float().mean().item()}
+    # DAPO's filter, measured whatever the setting; applied below to the token batch only with dynamic sampling. Each
+    # sample records whether it was trained on, so the rollout file and the token batch stay aligned.
+    keep, drop = drop_uniform_groups(batch.rewards, batch.group_index)
+    m = {"uniform_group_frac": 1.0 - keep.float().mean().item(),
+         **{f"dynamic_{k}": v for k, v in drop.items() if k != "groups"}}
+    for s, k in zip(batch.samples, keep.tolist()):
+        s.metadata["trained"] = bool(k) or not algo.dynamic_sampling
     if single_step(ctx, backend, len(tb)):
         tb.old_logprobs = tb.advantages = None
         return OnPolicyStep(tb, batch, m), m

@@ -277,11 +277,15 @@ def test_dynamic_sampling_trains_only_on_groups_with_unequal_rewards():
     assert torch.equal(tb.old_logprobs, policy_logprobs(tb))
     assert sorted(k for rows in trained_rows(backend) for k in rows) == sorted(sample_key(s) for s in kept.samples)
     assert out["metrics"]["uniform_group_frac"] == pytest.approx(0.5)
+    assert out["metrics"]["dynamic_groups_dropped"] == 2 and out["metrics"]["dynamic_rows_dropped"] == len(REWARDS) / 2
+    # the rollout record says which rows were trained on: exactly the token batch's
+    assert [s.metadata["trained"] for s in batch.samples] == keep.tolist()
 
 
 def test_without_dynamic_sampling_every_row_is_trained():
     out = chain()
     assert len(out["tb"]) == len(REWARDS)
+    assert all(s.metadata["trained"] for s in out["batch"].samples)
     assert sorted(k for rows in trained_rows(out["backend"]) for k in rows) == sorted(
         tuple(p + r) for p, r, _ in expected_rows())
     assert out["metrics"]["uniform_group_frac"] == pytest.approx(0.5)  # measured either way
