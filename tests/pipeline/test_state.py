@@ -49,3 +49,42 @@ def test_reset_stage_forgets_state_and_outputs(tmp_path):
     rd.reset_stage("evaluate")
     assert rd.state("evaluate").status == "pending"
     assert not (tmp_path / "eval").exists() and (tmp_path / "sft").exists()
+
+
+def test_temporary_files_of_a_write_cut_before_its_rename_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    """Each atomic writer of the run folder, killed between writing its temporary file and renaming it, leaves that
+    file behind; clean_partial (the start of every run) removes them all, and nothing else."""
+    from pathlib import Path
+
+    from evaluation import report
+    from evaluation.run import _write_lines_atomic
+    from lampo.record import RolloutBatch
+
+    kept = [tmp_path / "eval" / "notes.tmpl", tmp_path / "eval" / "a.tmp.json", tmp_path / "rl" / "x.jsonl",
+            tmp_path / "rl" / "checkpoints" / "step_000001" / "model.safetensors"]
+    for p in kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("keep")
+
+    class Killed(Exception):
+        pass
+
+    def killed(self, target):
+        raise Killed
+
+    for d in ("eval/tiny", "rl/rollouts"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(Path, "replace", killed)
+    monkeypatch.setattr(report, "render_report", lambda results: "report\n")
+    writers = [lambda: atomic_write_json(tmp_path / "state" / "sft.json", {"status": "running"}),
+               lambda: _write_lines_atomic(tmp_path / "eval" / "tiny" / "responses.jsonl", ["{}\n"]),
+               lambda: report.write_report(tmp_path / "eval" / "report.md", {}),
+               lambda: RolloutBatch([]).save(tmp_path / "rl" / "rollouts" / "iter_00001.jsonl")]
+    for write in writers:
+        with pytest.raises(Killed):
+            write()
+    monkeypatch.undo()
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p not in kept)
+    assert len(left) == len(writers), left
+    RunDir(tmp_path).clean_partial()
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
