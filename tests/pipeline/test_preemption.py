@@ -162,6 +162,43 @@ def test_a_signal_after_the_run_is_over_changes_nothing(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+ENTRY = """
+import json, signal, sys
+from pipeline import preempt
+real, heavy = preempt.install, []
+def install(*a, **k):
+    heavy.append(sorted(m for m in ("torch", "transformers", "pipeline.runner") if m in sys.modules))
+    return real(*a, **k)
+preempt.install = install
+module, func = sys.argv[1].split(":")
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+try:
+    getattr(__import__(module, fromlist=[func]), func)()  # what a console script's wrapper does
+except SystemExit:
+    pass
+print(json.dumps({"heavy": heavy, "after": signal.getsignal(signal.SIGTERM) is signal.SIG_IGN}))
+"""
+
+
+@pytest.mark.parametrize(("name", "argv"), [("lampo", ["run", "--help"]), ("lampo-run", ["--help"])])
+def test_console_commands_install_the_handlers_before_the_heavy_imports(name, argv):
+    """``lampo run`` and ``lampo-run`` (pyproject.toml's console scripts) guard a run like ``python -m pipeline run``:
+    the stop handlers are installed before torch and the runner are imported (a SIGTERM during those seconds is a
+    stop request, not the end), and a late signal once the run is over is ignored."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from tests.pipeline.test_runner import ROOT
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    res = subprocess.run([sys.executable, "-c", ENTRY, scripts[name], name, *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"heavy": [[]], "after": True}, (scripts[name], out)
+
+
 def test_grace_must_be_positive():
     from pipeline.config import ConfigError, load_config
 
