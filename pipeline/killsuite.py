@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -203,8 +204,10 @@ class Suite:
                 f"run.preempt_grace_s={self.grace_s}"]
         if self.nproc == 1:
             return [sys.executable, *args]
+        # as training_scripts/launch.sh launches it: torchrun waits out the grace period before it SIGKILLs a rank
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "--shutdown-timeout", str(math.ceil(self.grace_s) + 30), *args]
 
     def start(self, run_dir: Path, log: Path) -> tuple[subprocess.Popen, Any, Any]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAMPO_FAULT")}

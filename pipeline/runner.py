@@ -95,7 +95,7 @@ def check_shared_run_dir(rd: RunDir) -> None:
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
     """Run (or resume) the stages of a config. Raises :class:`~pipeline.preempt.Preempted` when a signal stopped it
     at a safe point (see the module docstring)."""
-    mine = preempt.install()  # False under ``python -m pipeline run``, which installs it before the imports
+    mine = preempt.install()  # False from the command line: pipeline.cli installs it before the imports
     try:
         return _run(config, overrides, from_stage, force)
     finally:
@@ -107,6 +107,9 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
     quiet_libraries()
     cfg = validate_names(load_config(config, overrides))  # names against the registries, the backend's layout rules
     preempt.configure(grace_s=cfg.run.preempt_grace_s)
+    if dist.is_main():
+        for line in preempt.torchrun_warnings(cfg.run.preempt_grace_s):
+            print(f"WARNING: {line}", file=sys.stderr, flush=True)
     dist.init(cfg.run.collective_timeout_min)  # every process group of the run gets this collective timeout
     validate_cluster(cfg)  # what needs the model's config.json: context, TP/PP vs heads and layers, GPU memory
     if cfg.run.threads > 0:
@@ -169,7 +172,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline run ...`` (and the ``lampo`` console command)."""
+    """``python -m pipeline run ...`` (through :mod:`pipeline.cli`, as the ``lampo`` console command is)."""
     ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
