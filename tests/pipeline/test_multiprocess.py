@@ -220,3 +220,18 @@ def test_a_dead_or_frozen_rank_stops_the_other_and_a_rerun_resumes(plain_referen
     assert "resumed from rl/checkpoints/step_000001" in log(run_dir, 0, "out")
     got = load_file(run_dir / "rl" / "final" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_which_errors_count_as_a_lost_rank(monkeypatch):
+    import torch.distributed as tdist
+
+    from pipeline import dist, runner
+
+    gloo_closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:8082")
+    gloo_timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 60000ms for send")
+    others = [RuntimeError("CUDA out of memory"), ValueError("gloo"), KeyError("x")]
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    assert all(runner.lost_rank(e) for e in (gloo_closed, gloo_timeout, tdist.DistBackendError("NCCL error")))
+    assert not any(runner.lost_rank(e) for e in others)
+    monkeypatch.setattr(dist, "world_size", lambda: 1)  # one process has no other rank to lose
+    assert not runner.lost_rank(gloo_closed)
