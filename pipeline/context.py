@@ -1,6 +1,7 @@
 """What every stage gets: the config, the run folder, the logger, the tokenizer, and checkpoint helpers."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -28,6 +29,11 @@ from pipeline.state import (
     verify_manifest,
     write_manifest,
 )
+
+# The backend's non-finite step counters, saved beside its own files in every checkpoint (covered by the manifest), so
+# that a resumed run neither forgets skips in a row (run.max_nonfinite_in_a_row could be evaded by preemption) nor
+# restarts the stage's count of skipped updates. A checkpoint without it (older code) resumes with both at 0.
+SKIP_COUNTERS = "skip_counters.json"
 
 # Estimated bytes per model parameter of a training checkpoint, for the free-space check before the first one (later
 # ones are sized by the previous checkpoint): fp32 weights and AdamW's two fp32 moments (12), plus room for the
@@ -112,6 +118,7 @@ class Context:
             else:
                 st.step, st.checkpoint = good
                 backend.load(self.rd.path(st.checkpoint))
+                self._load_skip_counters(backend, self.rd.path(st.checkpoint))
                 self.log.print(f"[{st.name}] resumed from {st.checkpoint} ({unit} {st.step})")
         st.status = "running"
         if dist.is_main():
@@ -193,7 +200,14 @@ class Context:
         folder = self.rd.path(st.name, "checkpoints")
         target = folder / f"step_{step:06d}"
         self._check_disk_space(target, st)
-        self._atomic_collective(target, backend.save, manifest=True)
+
+        def write(d: Path) -> None:
+            backend.save(d)
+            if dist.is_main():
+                (d / SKIP_COUNTERS).write_text(json.dumps({"nonfinite_in_a_row": backend.nonfinite_in_a_row,
+                                                           "skipped_updates": backend.skipped_updates}) + "\n")
+
+        self._atomic_collective(target, write, manifest=True)
         rel = str(target.relative_to(self.rd.root))
         # the file list and sizes: the sha256s were just computed from these very files (re-reading them now would
         # only re-read the page cache, at the cost of hashing the whole checkpoint twice); a resume checks them
@@ -208,6 +222,14 @@ class Context:
             self.rd.save_state(st)
             self.rd.prune_checkpoints(folder, keep=keep, protect=st.checkpoint)
         dist.barrier()
+
+    @staticmethod
+    def _load_skip_counters(backend: TrainingBackend, checkpoint: Path) -> None:
+        """Restore the counters :meth:`save_checkpoint` stored (every rank reads the same file)."""
+        f = checkpoint / SKIP_COUNTERS
+        saved = json.loads(f.read_text()) if f.is_file() else {}
+        backend.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
+        backend.skipped_updates = int(saved.get("skipped_updates", 0))
 
     def _check_disk_space(self, target: Path, st: StageState) -> None:
         """Collective: raise :class:`PipelineError` on every rank, before anything is written, when the file system of

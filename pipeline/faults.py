@@ -1,8 +1,10 @@
 """Fault injection for the kill-and-resume tests: ``LAMPO_FAULT=POINT[:N[:SIGNAL]]`` sends SIGNAL to the process itself
 the N-th time (default 1st) execution reaches ``fault_point(POINT)``. SIGNAL is ``KILL`` (the default: the process dies
-on the spot) or ``TERM``, ``INT``, ``USR1`` (a preemption request: :mod:`pipeline.preempt` stops the run at its next
-safe point; execution goes on from the fault point until then). With ``LAMPO_FAULT_RANK=R`` only the process of rank R
-(torchrun's ``RANK``) is signalled. Unset (always, outside tests), it costs one dict lookup.
+on the spot), ``TERM``, ``INT``, ``USR1`` (a preemption request: :mod:`pipeline.preempt` stops the run at its next
+safe point; execution goes on from the fault point until then) or ``STOP`` (the process freezes there: a hung rank,
+which the others must give up on within the collective timeout; the test SIGKILLs it afterwards). With
+``LAMPO_FAULT_RANK=R`` only the process of rank R (torchrun's ``RANK``) is signalled.
+Unset (always, outside tests), it costs one dict lookup.
 
 Points: ``sft_step`` (before an SFT step), ``rl_rollout`` (after an RL rollout's generation, before scoring),
 ``rl_update`` (before an RL optimizer step), ``checkpoint_write`` (a checkpoint's files written, its manifest not),
@@ -13,7 +15,8 @@ from __future__ import annotations
 import os
 import signal
 
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "USR1": signal.SIGUSR1}
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "USR1": signal.SIGUSR1,
+           "STOP": signal.SIGSTOP}
 
 _hits: dict[str, int] = {}
 

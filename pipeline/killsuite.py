@@ -6,11 +6,12 @@ exactly the result of an uninterrupted run and never leaves an unreadable file b
 1. One uninterrupted run of CONFIG (default ``configs/tiny.yaml``) shortened by :data:`SHORT` (then the given
    overrides) gives the reference result and its duration T.
 2. Then ``--kills`` times: start the same command, wait a random delay drawn uniformly from [0, T), send SIGKILL (to
-   the whole process group: a lost node) or SIGTERM (a preemption: the run must checkpoint and exit with status 75
-   within ``run.preempt_grace_s``; with ``--nproc 2``, to one rank only, chosen at random), and start it again, until
-   the run folder is complete; a completed folder is checked and a fresh one started while kills remain. An attempt
-   that ends before its kill is simply a finished attempt. Kills land in every stage, roughly in proportion to the
-   time each takes (the first seconds are Python's start-up).
+   every process of the attempt, each torchrun rank's own process group included: a lost node) or SIGTERM (a
+   preemption: the run must checkpoint and exit with status 75 within ``run.preempt_grace_s``; with ``--nproc 2``, to
+   one rank only, chosen at random), and start it again, until the run folder is complete; a completed folder is
+   checked and a fresh one started while kills remain. An attempt that ends before its kill is simply a finished
+   attempt. Kills land in every stage, roughly in proportion to the time each takes (the first seconds are Python's
+   start-up).
 3. After every kill the run folder is scanned (:func:`scan`): every ``.json`` parses, every ``.jsonl`` line parses
    (but the torn last line an evaluation's ``responses.partial*.jsonl`` may have, which a resume drops), every
    ``.safetensors`` loads, every checkpoint folder ``step_N`` matches its ``MANIFEST.json``; a ``*.tmp``/``*.old``
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -203,8 +205,10 @@ class Suite:
                 f"run.preempt_grace_s={self.grace_s}"]
         if self.nproc == 1:
             return [sys.executable, *args]
+        # as training_scripts/launch.sh launches it: torchrun waits out the grace period before it SIGKILLs a rank
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "--shutdown-timeout", str(math.ceil(self.grace_s) + 30), *args]
 
     def start(self, run_dir: Path, log: Path) -> tuple[subprocess.Popen, Any, Any]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAMPO_FAULT")}
@@ -234,8 +238,7 @@ class Suite:
                     limit = 10.0 if a.signal == "KILL" else self.grace_s + 30.0
                     a.rc = self._wait(proc, limit)
         finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # anything the run left behind (a reward worker, a rank)
+            kill_all(proc)  # anything the run left behind (a reward worker, a rank)
             out.close()
             err.close()
         a.seconds = time.monotonic() - t0
@@ -246,15 +249,14 @@ class Suite:
         try:
             return proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(proc)
             proc.wait()
             return -999  # did not end in time: a hang
 
     def _send(self, proc: subprocess.Popen, a: Attempt) -> None:
         if a.signal == "KILL":
             a.target = "all"
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(proc)
             return
         pid, a.target = proc.pid, "process"
         if self.nproc > 1:
@@ -378,6 +380,16 @@ class Suite:
         else:
             lines += ["verdict: FAIL"] + [f"  {f}" for f in self.findings]
         return "\n".join(lines)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL an attempt as a lost node loses it: its process group and, under torchrun, each rank's own process
+    group (torchrun starts every rank in a session of its own, so killing torchrun's group leaves the ranks running
+    on, orphaned, into the next attempt's run folder)."""
+    groups = [proc.pid, *ranks_of(proc.pid).values()]
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def ranks_of(pid: int) -> dict[int, int]:

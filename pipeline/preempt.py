@@ -29,6 +29,7 @@ run is over (:func:`finish`), the signals are ignored while Python shuts down.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
@@ -171,6 +172,70 @@ def between_batches() -> None:
     fault_point("eval_batch")
     if requested() or _marker_seen():
         raise StopRequested
+
+
+# --- under torchrun --------------------------------------------------------------------------------------------------
+#: torch.distributed.elastic's wait between forwarding a signal to the workers and killing them, when neither
+#: ``--shutdown-timeout`` nor ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise (torch 2.13, launcher/api.py)
+TORCHRUN_DEFAULT_SHUTDOWN_S = 30
+#: what torchrun forwards by default (``--signals-to-handle``); it has no handler for SIGUSR1, which ends it
+TORCHRUN_DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
+
+def torchrun_shutdown_s(env: dict[str, str] | None = None, agent_argv: list[str] | None = None) -> float | None:
+    """Under torchrun (``TORCHELASTIC_RUN_ID`` set), the seconds its agent waits after it forwards SIGTERM, SIGINT
+    (or any signal of ``--signals-to-handle``) to the workers, or after one worker failed and it stops the others,
+    before it SIGKILLs them: ``--shutdown-timeout`` on the agent's command line (``/proc/<parent>/cmdline``, or
+    ``agent_argv``), else ``PET_SHUTDOWN_TIMEOUT`` (torchrun's own environment spelling of the flag), else
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, else 30. None outside torchrun."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    if agent_argv is None:
+        try:
+            agent_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            agent_argv = []
+    # torchrun's own options: after its entry point (python -m torch.distributed.run, or the torchrun script), before
+    # the worker's (``pipeline``, as in ``-m pipeline run``, or a script path)
+    start = next((i + 1 for i, a in enumerate(agent_argv)
+                  if a == "torch.distributed.run" or Path(a).name == "torchrun"), len(agent_argv))
+    for i in range(start, len(agent_argv)):
+        arg = agent_argv[i]
+        if arg == "pipeline" or arg.endswith(".py"):
+            break
+        name, eq, value = arg.partition("=")
+        if name in ("--shutdown-timeout", "--shutdown_timeout"):
+            with contextlib.suppress(ValueError, IndexError):
+                return float(value if eq else agent_argv[i + 1])
+    for var in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        with contextlib.suppress(KeyError, ValueError):
+            return float(env[var])
+    return float(TORCHRUN_DEFAULT_SHUTDOWN_S)
+
+
+def torchrun_warnings(grace_s: float, env: dict[str, str] | None = None,
+                      agent_argv: list[str] | None = None) -> list[str]:
+    """What makes a torchrun launch unfit for preemption, one line each (empty outside torchrun or when fit): an
+    agent that SIGKILLs the workers before ``run.preempt_grace_s`` is over (so a stop request is cut before its safe
+    point and checkpoint), and one that does not forward SIGUSR1 (which then ends torchrun and leaves the workers)."""
+    env = os.environ if env is None else env
+    shutdown = torchrun_shutdown_s(env, agent_argv)
+    if shutdown is None:
+        return []
+    out = []
+    if shutdown < grace_s:
+        out.append(f"torchrun SIGKILLs the ranks {shutdown:g} s after it forwards a stop signal (its "
+                   f"--shutdown-timeout, {TORCHRUN_DEFAULT_SHUTDOWN_S} s by default), before "
+                   f"run.preempt_grace_s={grace_s:g} s is over: a preempted run may be killed before it writes its "
+                   "checkpoint (it then resumes from the previous one). Launch torchrun with --shutdown-timeout "
+                   f"{math.ceil(grace_s) + 30} (training_scripts/launch.sh does), or lower run.preempt_grace_s")
+    handled = env.get("TORCHELASTIC_SIGNALS_TO_HANDLE", TORCHRUN_DEFAULT_SIGNALS)
+    if "SIGUSR1" not in {x.strip() for x in handled.split(",")}:
+        out.append("torchrun does not forward SIGUSR1 (its --signals-to-handle): a SIGUSR1 sent to it ends it and "
+                   "leaves the ranks running; add --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 if the "
+                   "scheduler sends SIGUSR1 (training_scripts/launch.sh does)")
+    return out
 
 
 # --- internals ------------------------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ when no safe point comes in time (:mod:`pipeline.preempt`); under torchrun every
 Exit status: 0 when every stage is done; 2 for a config or run-folder error, or a stage stopped by
 ``run.max_nonfinite_in_a_row`` non-finite optimizer steps in a row (one line on stderr); ``EXIT_PREEMPTED``
 (75, ``EX_TEMPFAIL``: try again later) when the run was preempted, with one line on stderr naming the stage and step
-and the checkpoint written. Under torchrun each rank exits with these statuses, and torchrun itself reports a rank
-that exited with 75 as failed (its own status is 1).
+and the checkpoint written; ``EXIT_LOST_RANK`` (3) on a rank whose collective failed because another rank died or
+hung (within ``run.collective_timeout_min``), with one line on stderr. Under torchrun each rank exits with these
+statuses, and torchrun itself reports a rank that exited with 75 as failed (its own status is 1).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 import uuid
@@ -36,6 +38,9 @@ from pipeline.plan import add_plan_arguments, plan_command
 from pipeline.stages import stage_fn
 from pipeline.state import RunDir
 from pipeline.validate import validate_cluster, validate_names
+
+#: exit status of a rank that stopped because another rank died or hung (a collective failed or timed out)
+EXIT_LOST_RANK = 3
 
 # where a rank posts its stop request for the others (shared run folder; see pipeline.preempt)
 PREEMPT_MARKER = ".preempt_requested"
@@ -97,7 +102,7 @@ def check_shared_run_dir(rd: RunDir) -> None:
 def run(config: str | None, overrides: list[str], from_stage: str | None = None, force: bool = False) -> Context:
     """Run (or resume) the stages of a config. Raises :class:`~pipeline.preempt.Preempted` when a signal stopped it
     at a safe point (see the module docstring)."""
-    mine = preempt.install()  # False under ``python -m pipeline run``, which installs it before the imports
+    mine = preempt.install()  # False from the command line: pipeline.cli installs it before the imports
     try:
         return _run(config, overrides, from_stage, force)
     finally:
@@ -109,6 +114,9 @@ def _run(config: str | None, overrides: list[str], from_stage: str | None, force
     quiet_libraries()
     cfg = validate_names(load_config(config, overrides))  # names against the registries, the backend's layout rules
     preempt.configure(grace_s=cfg.run.preempt_grace_s)
+    if dist.is_main():
+        for line in preempt.torchrun_warnings(cfg.run.preempt_grace_s):
+            print(f"WARNING: {line}", file=sys.stderr, flush=True)
     dist.init(cfg.run.collective_timeout_min)  # every process group of the run gets this collective timeout
     validate_cluster(cfg)  # what needs the model's config.json: context, TP/PP vs heads and layers, GPU memory
     if cfg.run.threads > 0:
@@ -157,6 +165,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="continue a run folder even though the config changed")
 
 
+# how gloo and NCCL word a failed collective (torch raises them as RuntimeError, newer releases as DistError): the peer
+# closed the connection (its process died) or the wait passed the process group's timeout (it hangs or is gone)
+LOST_PEER = re.compile(r"gloo|nccl|connection (closed|reset) by peer|timed out waiting|watchdog", re.IGNORECASE)
+
+
+def lost_rank(e: BaseException) -> bool:
+    """Whether ``e``, raised in a multi-rank run, is a collective that failed because another rank died or hung."""
+    return dist.world_size() > 1 and (isinstance(e, torch.distributed.DistError)
+                                      or (isinstance(e, RuntimeError) and bool(LOST_PEER.search(str(e)))))
+
+
 def run_command(args: argparse.Namespace) -> int:
     try:
         run(args.config, args.overrides, args.from_stage, args.force)
@@ -167,11 +186,20 @@ def run_command(args: argparse.Namespace) -> int:
     except (ConfigError, PipelineError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not lost_rank(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: [rank {dist.rank()} of {dist.world_size()}] a collective operation failed: another rank died "
+              f"or hangs (see its log), and this one stops rather than wait for it. Every checkpoint written is "
+              f"complete: run the same command again to resume from the newest. The failure: {first}",
+              file=sys.stderr, flush=True)
+        return EXIT_LOST_RANK
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline run ...`` (and the ``lampo`` console command)."""
+    """``python -m pipeline run ...`` (through :mod:`pipeline.cli`, as the ``lampo`` console command is)."""
     ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 MANIFEST = "MANIFEST.json"
+# the name of an atomic write's temporary file: NAME.tmp, NAME.PID.tmp, .NAME.tmpPID
+TEMP_FILE = re.compile(r"\.tmp\d*$")
 
 
 def _sha256(path: Path) -> str:
@@ -174,10 +177,16 @@ class RunDir:
         shutil.rmtree(self.path(STAGES[stage].folder), ignore_errors=True)
 
     def clean_partial(self) -> None:
-        """Remove half-written checkpoint folders left by a kill (their complete versions are untouched)."""
-        for tmp in list(self.root.rglob("*.tmp")) + list(self.root.rglob("*.old")):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
+        """Remove what a kill left half-written (the complete versions are untouched): checkpoint folders ``*.tmp``
+        and ``*.old``, and the temporary files of atomic writes, whose names end in ``.tmp`` or ``.tmp<pid>``
+        (:func:`atomic_write_text` here, and the writers in ``evaluation`` and ``lampo``, which name them alike).
+        Called by the main rank at the start of a run, before any rank writes."""
+        for p in list(self.root.rglob("*.tmp")) + list(self.root.rglob("*.old")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.rglob("*.tmp*"):
+            if p.is_file() and TEMP_FILE.search(p.name):
+                p.unlink(missing_ok=True)
 
     @staticmethod
     def checkpoints(folder: Path) -> list[Path]:

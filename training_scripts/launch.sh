@@ -18,6 +18,15 @@ if [[ "${DRY_RUN:-0}" != 0 ]]; then
   exec python3 -m pipeline plan "$CONFIG" ${LAYOUT[@]+"${LAYOUT[@]}"} "$@" --nodes "${NNODES:-1}" \
     --gpus-per-node "$NPROC" --gpu-memory-gib "${GPU_MEM_GIB:-80}"
 fi
+# On a scheduler's SIGTERM (or SIGINT, SIGUSR1) torchrun forwards the signal to the ranks, which stop at their next
+# safe point with a checkpoint within run.preempt_grace_s (pipeline/preempt.py), and SIGKILLs them after its
+# --shutdown-timeout (30 s by default, shorter than the 60 s grace): give them the grace and 30 s to exit. Without
+# SIGUSR1 in --signals-to-handle, a SIGUSR1 ends torchrun and leaves the ranks running.
+GRACE_S=$(python3 -c 'import math, sys
+from pipeline.config import load_config
+print(math.ceil(load_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a and not a.startswith("-")]).run.preempt_grace_s))' \
+  "$CONFIG" "$@")
 exec torchrun --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  --shutdown-timeout $((GRACE_S + 30)) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   -m pipeline run "$CONFIG" ${LAYOUT[@]+"${LAYOUT[@]}"} "$@"

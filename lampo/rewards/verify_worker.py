@@ -176,6 +176,12 @@ def main() -> None:
     import signal
     from functools import lru_cache
 
+    # Stop requests are the parent's to handle (it closes us, or dies and our stdin ends): a scheduler's SIGTERM or
+    # SIGUSR1 reaches the whole process group (torchrun's agent forwards them with killpg, Slurm signals every process
+    # of the job, Ctrl-C sends SIGINT to the foreground group), and a child that died of it would score the item under
+    # way 0 and fail to restart while the run finishes its step for the preemption checkpoint.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
     logging.basicConfig(level=logging.ERROR)
@@ -204,7 +210,6 @@ def main() -> None:
         raise _Deadline
 
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     if os.name == "posix" and os.path.exists("/proc/self/statm"):
         _limit_memory(int(os.environ.get("LAMPO_VERIFY_MEMORY_MB", "2048")))
     check("\\frac{1}{2}", "0.5")  # builds the LaTeX grammar now, so the first item's time bound is honest

@@ -142,6 +142,8 @@ class Messages:
 class FileBackend:
     """Writes one file per checkpoint: what a backend's ``save`` does, without a model."""
 
+    nonfinite_in_a_row = skipped_updates = 0  # the counters a checkpoint carries (TrainingBackend's)
+
     def save(self, path: Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "state.bin").write_bytes(random.randbytes(4096))

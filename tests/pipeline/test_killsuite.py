@@ -90,3 +90,35 @@ def test_three_kills_end_identical(tmp_path):
     rows = [x for x in table.splitlines() if re.match(r"\d+\s+\d+\s+\d+\s+(KILL|TERM)\s", x)]
     assert len(rows) == 3, table
     assert (out / "reference" / "rl" / "final" / "model.safetensors").is_file()
+
+
+def test_a_sigkill_takes_the_ranks_torchrun_started_in_sessions_of_their_own():
+    """torchrun starts each rank with start_new_session=True: killing torchrun's process group alone would leave the
+    ranks running on into the next attempt. A stand-in agent starts a 'rank' (RANK in its environment) the same way."""
+    import os
+    import time
+
+    from pipeline.killsuite import kill_all, ranks_of
+
+    agent = ("import os, subprocess, sys, time\n"
+             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True,"
+             " env={**os.environ, 'RANK': '0'})\n"
+             "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", agent], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (ranks := ranks_of(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(ranks) == [0]
+        rank = ranks[0]
+        assert os.getpgid(rank) != os.getpgid(proc.pid)  # its own session and group, as under torchrun
+        kill_all(proc)
+        assert proc.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{rank}").exists() and Path(f"/proc/{rank}/stat").read_text().split()[2] != "Z" \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{rank}").exists() and Path(f"/proc/{rank}/stat").read_text().split()[2] != "Z"
+        assert not alive, "the rank outlived the SIGKILL"
+    finally:
+        kill_all(proc)

@@ -196,3 +196,53 @@ def test_the_rl_stage_counts_skips_per_iteration_and_stops_naming_the_iteration(
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert {ev.step: ev.value for ev in acc.Scalars("rl/skipped_updates")} == {1: 0.0, 2: 2.0}
+
+
+def test_a_resumed_run_keeps_counting_skips_in_a_row(tmp_path, monkeypatch, capsys):
+    """The skip counters travel with the checkpoint: steps 7 and 8 are skipped and step 8 is checkpointed; the run
+    dies at step 9 (here: an exception); the resumed run's first step (9) is the third skip in a row and its second
+    (10) the fourth, which stops it at run.max_nonfinite_in_a_row=4. Counting from 0 again after a resume would let
+    preemption evade the limit."""
+    import json
+
+    from pipeline import runner
+    from pipeline.backends import base
+    from pipeline.context import SKIP_COUNTERS, Context
+
+    class Died(Exception):
+        pass
+
+    real, calls = base.sft_loss, {"n": 0}
+    nan_at, die_at = {7, 8}, {9}
+
+    def sft_loss(*a, **k):  # one micro-batch per step: call n is step n
+        calls["n"] += 1
+        if calls["n"] in die_at:
+            raise Died
+        return real(*a, **k) * (float("nan") if calls["n"] in nan_at else 1.0)
+
+    seen = []
+    note = Context.note_skipped_step
+
+    def spy(self, backend, stage, m, where):
+        if m.get("skipped_updates"):
+            seen.append((where, backend.nonfinite_in_a_row, backend.skipped_updates))
+        return note(self, backend, stage, m, where)
+
+    monkeypatch.setattr(base, "sft_loss", sft_loss)
+    monkeypatch.setattr(Context, "note_skipped_step", spy)
+    monkeypatch.chdir(ROOT)
+    args = [f"run.dir={tmp_path / 'run'}", *SMALL, "run.stages=[sft]", "run.max_nonfinite_in_a_row=4"]
+    with pytest.raises(Died):
+        runner.run("configs/tiny.yaml", args)
+    assert seen == [("step 7", 1, 1), ("step 8", 2, 2)]
+    saved = json.loads((tmp_path / "run" / "sft" / "checkpoints" / "step_000008" / SKIP_COUNTERS).read_text())
+    assert saved == {"nonfinite_in_a_row": 2, "skipped_updates": 2}
+
+    calls["n"], nan_at, die_at = 8, {9, 10}, set()  # the resumed run starts at step 9
+    seen.clear()
+    with pytest.raises(NonFiniteSteps) as e:
+        runner.run("configs/tiny.yaml", args)
+    assert "resumed from sft/checkpoints/step_000008" in capsys.readouterr().out
+    assert seen == [("step 9", 3, 3)]
+    assert "[sft] stopped at step 10" in str(e.value) and "4 optimizer steps in a row" in str(e.value), str(e.value)

@@ -162,6 +162,43 @@ def test_a_signal_after_the_run_is_over_changes_nothing(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+ENTRY = """
+import json, signal, sys
+from pipeline import preempt
+real, heavy = preempt.install, []
+def install(*a, **k):
+    heavy.append(sorted(m for m in ("torch", "transformers", "pipeline.runner") if m in sys.modules))
+    return real(*a, **k)
+preempt.install = install
+module, func = sys.argv[1].split(":")
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+try:
+    getattr(__import__(module, fromlist=[func]), func)()  # what a console script's wrapper does
+except SystemExit:
+    pass
+print(json.dumps({"heavy": heavy, "after": signal.getsignal(signal.SIGTERM) is signal.SIG_IGN}))
+"""
+
+
+@pytest.mark.parametrize(("name", "argv"), [("lampo", ["run", "--help"]), ("lampo-run", ["--help"])])
+def test_console_commands_install_the_handlers_before_the_heavy_imports(name, argv):
+    """``lampo run`` and ``lampo-run`` (pyproject.toml's console scripts) guard a run like ``python -m pipeline run``:
+    the stop handlers are installed before torch and the runner are imported (a SIGTERM during those seconds is a
+    stop request, not the end), and a late signal once the run is over is ignored."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from tests.pipeline.test_runner import ROOT
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    res = subprocess.run([sys.executable, "-c", ENTRY, scripts[name], name, *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"heavy": [[]], "after": True}, (scripts[name], out)
+
+
 def test_grace_must_be_positive():
     from pipeline.config import ConfigError, load_config
 
@@ -223,3 +260,64 @@ def test_sigterm_on_one_rank_during_evaluation_stops_both_between_batches(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert not (run_dir / ".preempt_requested").exists()  # the rerun forgot the old request
     assert (run_dir / "eval" / "summary.md").read_text() == (one / "eval" / "summary.md").read_text()
+
+
+# --- torchrun's own signal handling -----------------------------------------------------------------------------------
+def test_torchrun_that_kills_before_the_grace_period_is_over_is_named():
+    from pipeline.preempt import torchrun_shutdown_s, torchrun_warnings
+
+    assert torchrun_warnings(60, env={}, agent_argv=[]) == []  # not under torchrun
+    env = {"TORCHELASTIC_RUN_ID": "x"}
+    default = torchrun_warnings(60, env=env, agent_argv=["python", "-m", "torch.distributed.run", "-m", "pipeline"])
+    assert len(default) == 2 and "30 s after it forwards a stop signal" in default[0], default
+    assert "--shutdown-timeout 90" in default[0] and "does not forward SIGUSR1" in default[1]
+    argv = ["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "8", "--shutdown-timeout", "90", "-m",
+            "pipeline", "run", "c.yaml", "--shutdown-timeout", "1"]  # the worker's arguments are not torchrun's
+    fit = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    assert torchrun_shutdown_s(fit, argv) == 90 and torchrun_warnings(60, env=fit, agent_argv=argv) == []
+    assert torchrun_shutdown_s(env, ["python", "-m", "torch.distributed.run", "--shutdown_timeout=20"]) == 20
+    assert torchrun_shutdown_s({**env, "PET_SHUTDOWN_TIMEOUT": "45"}, []) == 45
+    assert torchrun_shutdown_s({**env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "50"}, []) == 50
+    assert "45 s after" in torchrun_warnings(60, env={**fit, "PET_SHUTDOWN_TIMEOUT": "45"}, agent_argv=[])[0]
+    assert torchrun_warnings(40, env={**fit, "PET_SHUTDOWN_TIMEOUT": "45"}, agent_argv=[]) == []
+
+
+def test_a_real_torchrun_agent_is_read_by_its_workers():
+    """The worker reads its agent's --shutdown-timeout from the agent's command line."""
+    import subprocess
+    import sys
+
+    from tests.pipeline.test_multiprocess import free_port
+    from tests.pipeline.test_runner import ROOT
+
+    code = "from pipeline.preempt import torchrun_shutdown_s; print('agent waits', torchrun_shutdown_s())"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                          str(free_port()), "--shutdown-timeout", "95", "--no-python", sys.executable, "-c", code],
+                         cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "agent waits 95.0" in res.stdout, res.stdout
+
+
+def test_the_gpu_launcher_gives_torchrun_the_grace_period_and_sigusr1(tmp_path):
+    """training_scripts/launch.sh (a fake torchrun on PATH prints its arguments): --shutdown-timeout is the config's
+    run.preempt_grace_s (with the overrides) plus 30 s, and SIGUSR1 is forwarded."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.pipeline.test_runner import ROOT
+
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/sh\necho "torchrun $*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC": "2",
+           "PATH": f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("DRY_RUN", None)
+    launch = str(ROOT / "training_scripts" / "launch.sh")
+    for extra, want in (([], 90), (["run.preempt_grace_s=100.5", "--force"], 131)):
+        res = subprocess.run(["bash", launch, "configs/tiny.yaml", *extra], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert f"--shutdown-timeout {want} --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in res.stdout
+        assert res.stdout.rstrip().endswith(" ".join(["-m pipeline run configs/tiny.yaml", *extra]))

@@ -74,3 +74,47 @@ def test_finish_stage_marks_the_stage_done_with_its_output_relative_to_the_run(t
     ctx.finish_stage(ctx.rd.state("evaluate"), tmp_path / "eval" / "summary.md")  # no step: left as it was
     assert ctx.rd.state("evaluate") == StageState("evaluate", "done", 0, None, "eval/summary.md")
     assert ctx.stage_input("rl") == tmp_path / "sft" / "final"  # what the next training stage starts from
+
+
+def test_temporary_files_of_a_write_cut_before_its_rename_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    """Each atomic writer of the run folder, killed between writing its temporary file and renaming it, leaves that
+    file behind; clean_partial (the start of every run) removes them all, and nothing else."""
+    from pathlib import Path
+
+    import lampo.io
+    from evaluation import report
+    from lampo.io import atomic_write_text
+    from lampo.record import RolloutBatch
+
+    kept = [tmp_path / "eval" / "notes.tmpl", tmp_path / "eval" / "a.tmp.json", tmp_path / "rl" / "x.jsonl",
+            tmp_path / "rl" / "checkpoints" / "step_000001" / "model.safetensors"]
+    for p in kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("keep")
+
+    class Killed(Exception):
+        pass
+
+    def killed(src, dst):
+        raise Killed
+
+    def no_cleanup(self, missing_ok=False):  # a kill runs no clean-up: the temporary file stays
+        pass
+
+    for d in ("eval/tiny", "rl/rollouts"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(lampo.io.os, "replace", killed)
+    monkeypatch.setattr(Path, "unlink", no_cleanup)
+    monkeypatch.setattr(report, "render_report", lambda results: "report\n")
+    writers = [lambda: atomic_write_json(tmp_path / "state" / "sft.json", {"status": "running"}),
+               lambda: atomic_write_text(tmp_path / "eval" / "tiny" / "responses.jsonl", "{}\n"),
+               lambda: report.write_report(tmp_path / "eval" / "report.md", {}),
+               lambda: RolloutBatch([]).save(tmp_path / "rl" / "rollouts" / "iter_00001.jsonl")]
+    for write in writers:
+        with pytest.raises(Killed):
+            write()
+    monkeypatch.undo()
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p not in kept)
+    assert len(left) == len(writers), left
+    RunDir(tmp_path).clean_partial()
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)

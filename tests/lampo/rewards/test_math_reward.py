@@ -177,6 +177,21 @@ def test_hung_worker_is_killed_and_replaced(caplog):
         w.close()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_stop_signals_to_the_process_group_leave_the_worker_alone(sig):
+    """A preemption signal sent to the whole process group (torchrun's killpg, Slurm, Ctrl-C) is the parent's to
+    handle: the worker keeps answering, so the step under way finishes with true scores before the checkpoint."""
+    w = VerifyWorker()
+    try:
+        assert w.verify("2", "2", 5.0) == (True, None)
+        pid = w._proc.pid
+        os.kill(pid, sig)
+        assert w.verify("x+1", "1+x", 5.0) == (True, None)
+        assert w._proc.pid == pid and w.restarts == 0
+    finally:
+        w.close()
+
+
 def test_ordinary_batch_is_fast():
     """128 ordinary items (half needing sympy) in well under a second once the worker is warm."""
     golds = ["\\frac{3}{4}", "2\\sqrt{2}", "(1,2)", "x^2+1"] * 32
