@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lampo.io import atomic_write_json
+from lampo.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lampo.io import atomic_write_text
+from lampo.files import atomic_write_text
 
 # training metrics (TensorBoard tags under rl/) plotted for stability, and LamPO's pairwise diagnostics
 STABILITY = {"reward_std": "reward std within the batch", "entropy": "token entropy", "response_len_mean":

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lampo.io import atomic_write_text
+from lampo.files import atomic_write_text
 
 
 def _pct(x: float | None) -> str:

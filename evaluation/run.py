@@ -42,7 +42,7 @@ from evaluation.grading import GRADERS
 from evaluation.metrics import breakdown, length_stats, majority_correct, score_metrics
 from evaluation.prompts import PROMPT_STYLES, encode_prompt
 from evaluation.report import write_report
-from lampo.io import atomic_write_json, atomic_write_text
+from lampo.files import atomic_write_json, atomic_write_text
 from lampo.seeds import derive_seed
 
 log = logging.getLogger("evaluation")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lampo.io import atomic_open
+from lampo.files import atomic_open
 
 
 @dataclass
@@ -165,7 +165,7 @@ class RolloutBatch:
 
     # --- persistence: JSON Lines, one sample a line, so rollouts can be kept, read by eye and replayed ---------------
     def save(self, path: str | Path) -> None:
-        """Write atomically (:func:`lampo.io.atomic_open`: temporary file, fsync, then rename)."""
+        """Write atomically (:func:`lampo.files.atomic_open`: temporary file, fsync, then rename)."""
         with atomic_open(path) as f:
             for s in self.samples:
                 f.write(json.dumps(s.__dict__, ensure_ascii=False) + "\n")

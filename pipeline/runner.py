@@ -27,7 +27,7 @@ import uuid
 import torch
 import yaml
 
-from lampo.io import atomic_write_text
+from lampo.files import atomic_write_text
 from lampo.seeds import derive_seed
 from pipeline import dist, preempt
 from pipeline.checks import PipelineError

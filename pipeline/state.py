@@ -1,8 +1,8 @@
 """The run folder: atomic writes, per-stage state files and checkpoint bookkeeping.
 
 A kill at any moment leaves every file either at its old or at its new content: files are written to a temporary
-name and renamed (:mod:`lampo.io`); a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a stage's
-state file points at a checkpoint only after that rename.
+name and renamed (:mod:`lampo.files`); a checkpoint folder is written as ``NAME.tmp`` and renamed when complete; a
+stage's state file points at a checkpoint only after that rename.
 
 Every checkpoint folder holds a ``MANIFEST.json``, written last (after every rank's files): the relative path, size
 and sha256 of each file in it. A checkpoint is usable only when its manifest is present and matches the folder
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lampo.io import atomic_write_json
+from lampo.files import atomic_write_json
 from pipeline.stages import STAGES
 
 

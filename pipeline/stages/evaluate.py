@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluation.report import scalars
-from lampo.io import atomic_write_text
+from lampo.files import atomic_write_text
 from pipeline import dist, preempt
 from pipeline.context import Context
 from pipeline.rollout import engine_class

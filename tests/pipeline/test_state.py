@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lampo.io import atomic_write_json
+from lampo.files import atomic_write_json
 from pipeline.state import RunDir, StageState, atomic_dir
 
 
@@ -81,9 +81,9 @@ def test_temporary_files_of_a_write_cut_before_its_rename_are_removed_by_the_nex
     file behind; clean_partial (the start of every run) removes them all, and nothing else."""
     from pathlib import Path
 
-    import lampo.io
+    import lampo.files
     from evaluation import report
-    from lampo.io import atomic_write_text
+    from lampo.files import atomic_write_text
     from lampo.record import RolloutBatch
 
     kept = [tmp_path / "eval" / "notes.tmpl", tmp_path / "eval" / "a.tmp.json", tmp_path / "rl" / "x.jsonl",
@@ -103,7 +103,7 @@ def test_temporary_files_of_a_write_cut_before_its_rename_are_removed_by_the_nex
 
     for d in ("eval/tiny", "rl/rollouts"):
         (tmp_path / d).mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr(lampo.io.os, "replace", killed)
+    monkeypatch.setattr(lampo.files.os, "replace", killed)
     monkeypatch.setattr(Path, "unlink", no_cleanup)
     monkeypatch.setattr(report, "render_report", lambda results: "report\n")
     writers = [lambda: atomic_write_json(tmp_path / "state" / "sft.json", {"status": "running"}),

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lampo.io import atomic_path
+from lampo.files import atomic_path
 from lampo.record import TokenBatch
 from lampo.seeds import derive_seed
 from pipeline.backends.base import LossFn, MicroStep, TrainingBackend

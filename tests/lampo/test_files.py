@@ -1,4 +1,4 @@
-"""lampo.io: a failed write leaves the old file and no temporary file; a finished one is fsync-ed and whole."""
+"""lampo.files: a failed write leaves the old file and no temporary file; a finished one is fsync-ed and whole."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from lampo import io as lio
-from lampo.io import atomic_open, atomic_path, atomic_write_json, atomic_write_text
+from lampo import files as lio
+from lampo.files import atomic_open, atomic_path, atomic_write_json, atomic_write_text
 
 
 def test_writes_text_and_json_in_the_formats_the_callers_had(tmp_path):
