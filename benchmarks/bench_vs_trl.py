@@ -188,7 +188,7 @@ def run_ours(model_dir: str, work: str, shape: Shape, warmup: int, iterations: i
     steps_per_iter = rl.algorithm.ppo_epochs * -(-rl.prompts_per_iteration * cfg.rollout.n_samples
                                                  // rl.mini_batch_size)
     total = warmup + iterations
-    backend = backend_class(cfg.backend.name)(
+    backend = backend_class(cfg.backend.name).from_config(
         cfg, model_dir, lr=rl.lr, total_steps=total * steps_per_iter, warmup_steps=rl.warmup_steps,
         min_lr_ratio=rl.min_lr_ratio, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     engine = rl_stage.make_engine(cfg, model_dir, ctx.tokenizer, backend)
@@ -320,7 +320,7 @@ def run_trl(model_dir: str, work: str, shape: Shape, warmup: int, iterations: in
     steps = count_optimizer_steps()
     clock = StepClock()
     tok = load_tokenizer(model_dir, cfg)
-    model = load_hf_model(model_dir, cfg, torch.device("cpu"))
+    model = load_hf_model(model_dir, cfg.model, torch.device("cpu"))
     trainer = Timed(model=model, reward_funcs=lampo_reward, args=args, train_dataset=dataset, processing_class=tok,
                     callbacks=[clock])
     trainer.train()

@@ -87,7 +87,7 @@ def rl_iteration(args: argparse.Namespace) -> dict:
     cfg = make_config(model_path, args, gpu)
     # the engine needs only the special-token ids; no tokenizer exists for a random model
     tokenizer = SimpleNamespace(eos_token_id=shape["vocab_size"] - 1, pad_token_id=0)
-    backend = backend_class(cfg.backend.name)(cfg, str(model_path), lr=1e-6, total_steps=10)
+    backend = backend_class(cfg.backend.name).from_config(cfg, str(model_path), lr=1e-6, total_steps=10)
     engine = engine_class("hf")(str(model_path), tokenizer, cfg)
     engine.eos_id = None  # ignore EOS: every response is exactly new_tokens long
     g = torch.Generator().manual_seed(0)

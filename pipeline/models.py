@@ -9,18 +9,19 @@ import torch
 from pipeline.checks import PipelineError, require_model_dir
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.config import Config, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_hf_model(path: str | Path, cfg: Config, device: torch.device) -> torch.nn.Module:
-    """A causal LM from a local checkpoint folder: fp32 master weights on CPU, ``model.dtype`` on an accelerator."""
+def load_hf_model(path: str | Path, options: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """A causal LM from a local checkpoint folder: fp32 master weights on CPU, ``model.dtype`` on an accelerator
+    (``options``: the ``model.*`` section)."""
     from transformers import AutoModelForCausalLM
 
     require_model_dir(path)
-    dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    dtype = DTYPES[options.dtype] if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=options.trust_remote_code)
     return model.to(device)
 
 

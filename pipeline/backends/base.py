@@ -57,6 +57,7 @@ from lampo.losses import loss_normalizers
 from lampo.record import TokenBatch
 from pipeline.backends.common import (
     NUM_SEQS,
+    OptimizerSpec,
     entropy_aligned,
     merge_metrics,
     rl_loss,
@@ -65,7 +66,7 @@ from pipeline.backends.common import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.config import AlgorithmConfig, BackendConfig, Config
 
 
 class NonFiniteSteps(FloatingPointError):
@@ -99,6 +100,15 @@ def _poisoned(loss: Tensor, bad: Tensor | bool = False) -> Tensor:
     return loss * torch.where(poison, math.nan, 1.0).to(loss.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the RL loss needs beyond the batch: the algorithm (``rl.algorithm``: policy loss, clipping, KL, loss
+    aggregation) and the response-length constant of the loss normalisers (``rollout.max_new_tokens``; None: the
+    batch's padded length). SFT needs neither."""
+    algorithm: AlgorithmConfig
+    max_len: int | None = None
+
+
 class MicroStep(NamedTuple):
     """What the forward-backward of one micro-batch reports: its response-token count (the weight of its metrics),
     its loss (an additive share of the batch loss: global normalisers) and its metrics (None for SFT). The count and
@@ -126,16 +136,29 @@ LossFn = Callable[[Tensor, TokenBatch], tuple[Tensor, "dict[str, float] | None"]
 class TrainingBackend(ABC):
     """A model plus its optimizer, trained by whole optimizer steps.
 
-    Construction: ``Backend(cfg, model_path, lr=..., total_steps=..., warmup_steps=..., reference=False)`` loads the
-    Hugging Face checkpoint at ``model_path`` (a folder with config.json and safetensors), builds the optimizer and LR
-    schedule (:class:`~.common.OptimizerSpec`: AdamW, linear warm-up then cosine decay to ``min_lr_ratio``), and, when
-    ``reference`` is True, keeps a frozen copy of the initial weights for KL (only built when
-    ``rl.algorithm.kl_coef > 0``).
+    Construction: ``Backend(model_path, backend=..., model=..., optimizer=..., objective=..., seed=..., colocate=...,
+    max_nonfinite=..., max_batch=..., reference=False)`` loads the Hugging Face checkpoint at ``model_path`` (a folder
+    with config.json and safetensors) as ``model`` (:class:`~pipeline.config.ModelConfig`) says, lays it out and trains
+    it as ``backend`` (:class:`~pipeline.config.BackendConfig`) says, builds the optimizer and LR schedule from
+    ``optimizer`` (:class:`~.common.OptimizerSpec`: AdamW, linear warm-up then cosine decay to ``min_lr_ratio``), and,
+    when ``reference`` is True, keeps a frozen copy of the initial weights for KL (only built when
+    ``rl.algorithm.kl_coef > 0``). ``objective`` (:class:`Objective`) is what :meth:`rl_step` optimises (None: SFT
+    only); ``seed`` seeds weight initialisation where a backend needs it; ``colocate`` says that rollouts share the
+    accelerator (:meth:`release_memory`); ``max_nonfinite`` is the number of skipped steps in a row that raises
+    :class:`NonFiniteSteps`; ``max_batch`` is the largest batch of one optimizer step (DeepSpeed sizes buffers by it).
+    A backend sees only these, never the whole :class:`~pipeline.config.Config`: :meth:`from_config` builds them from
+    one, for a stage's optimizer settings.
     """
 
     #: rank 0 of the data-parallel/model-parallel world writes files and logs
     is_main: bool = True
-    cfg: Config
+    #: the ``backend.*`` section: layout, micro-batch size, clipping, precision
+    options: BackendConfig
+    #: what rl_step optimises (None: SFT only)
+    objective: Objective | None = None
+    #: whether rollouts share the accelerator, and the skipped steps in a row that raise NonFiniteSteps
+    colocate: bool = False
+    max_nonfinite: int = 3
     #: optimizer steps applied so far
     step: int = 0
     #: non-finite steps skipped in a row just now, and in all (since this backend was built)
@@ -146,6 +169,25 @@ class TrainingBackend(ABC):
     #: the torch optimizer and LR schedule, for backends that step them through :meth:`_apply_update`
     optimizer: Any = None
     scheduler: Any = None
+
+    def __init__(self, *, backend: BackendConfig, objective: Objective | None, colocate: bool,
+                 max_nonfinite: int) -> None:
+        """What every backend keeps of its construction options (a backend's own ``__init__`` calls this first)."""
+        self.options, self.objective = backend, objective
+        self.colocate, self.max_nonfinite = colocate, max_nonfinite
+
+    @classmethod
+    def from_config(cls, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                    min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False) -> Any:
+        """A backend from a whole ``cfg``, with the optimizer settings of the stage that trains it (``sft.*`` or
+        ``rl.*``; ``backend.adam_*`` from ``cfg``): the one place that reads a Config for a backend, so that the
+        stages, benchmarks and tests stay one-liners and the backends themselves see only their own options."""
+        optimizer = OptimizerSpec.from_config(cfg.backend, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                                              min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+        return cls(model_path, backend=cfg.backend, model=cfg.model, optimizer=optimizer,
+                   objective=Objective(cfg.rl.algorithm, max_len=cfg.rollout.max_new_tokens), seed=cfg.run.seed,
+                   colocate=cfg.rollout.colocate, max_nonfinite=cfg.run.max_nonfinite_in_a_row,
+                   max_batch=max(cfg.sft.batch_size, cfg.rl.mini_batch_size), reference=reference)
 
     @classmethod  # noqa: B027 - an optional hook: by default a backend accepts every config
     def validate_config(cls, cfg: Config) -> None:
@@ -179,7 +221,7 @@ class TrainingBackend(ABC):
         and ``lr``."""
         if batch.old_logprobs is None or batch.advantages is None:
             raise ValueError("rl_step needs a batch with old_logprobs and advantages")
-        norm, algo = self._normalizers(batch), self.cfg.rl.algorithm
+        norm, algo = self._normalizers(batch), self._objective().algorithm
 
         def loss_fn(output: Tensor, mb: TokenBatch) -> tuple[Tensor, dict[str, float]]:
             lp, ent = self._per_token(output, mb, entropy=True)
@@ -204,7 +246,7 @@ class TrainingBackend(ABC):
         if batch.old_logprobs is not None or batch.advantages is not None:
             raise ValueError("rl_step_on_policy computes old_logprobs and advantages itself; the batch carries "
                              "them already: use rl_step")
-        norm, algo = self._normalizers(batch), self.cfg.rl.algorithm
+        norm, algo = self._normalizers(batch), self._objective().algorithm
         kept = self._forward_keep(batch, lambda out, mb: self._per_token(out, mb, entropy=True))
         old = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # (B, T)
         for rows, mb, (lp, _) in kept:
@@ -245,8 +287,13 @@ class TrainingBackend(ABC):
         parts = _to_floats(parts)
         loss = sum(p.loss for p in parts)
         stats = self._count_step(loss, self._optimizer_step())
-        merged = merge_metrics([(p.tokens, p.metrics) for p in parts], self.cfg.rl.algorithm.loss_agg)
+        merged = merge_metrics([(p.tokens, p.metrics) for p in parts], self._objective().algorithm.loss_agg)
         return {**merged, "loss": loss, **stats}
+
+    def _objective(self) -> Objective:
+        if self.objective is None:
+            raise ValueError(f"this {type(self).__name__} was built without an objective (SFT only): rl_step needs one")
+        return self.objective
 
     def _normalizers(self, batch: TokenBatch) -> dict[str, int]:
         """The global normalisers of the whole ``batch`` (:func:`lampo.losses.loss_normalizers`: response tokens, at
@@ -254,7 +301,7 @@ class TrainingBackend(ABC):
         batch loss whatever the micro-batch size. Refuses an empty batch."""
         if len(batch) == 0:
             raise ValueError("an optimizer step needs a non-empty batch")
-        norm = loss_normalizers(batch.response_mask, max_len=self.cfg.rollout.max_new_tokens)
+        norm = loss_normalizers(batch.response_mask, max_len=None if self.objective is None else self.objective.max_len)
         norm["num_tokens"] = max(norm["num_tokens"], 1)
         return norm
 
@@ -306,7 +353,7 @@ class TrainingBackend(ABC):
             return {**stats, "skipped_updates": 0.0}
         self.nonfinite_in_a_row += 1
         self.skipped_updates += 1
-        limit = self.cfg.run.max_nonfinite_in_a_row
+        limit = self.max_nonfinite
         if self.nonfinite_in_a_row >= limit:
             n = self.nonfinite_in_a_row
             raise NonFiniteSteps(

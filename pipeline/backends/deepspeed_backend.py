@@ -67,7 +67,8 @@ from pipeline.dist import init_process_group
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.backends.base import Objective
+    from pipeline.config import BackendConfig, Config, ModelConfig
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's sub-folder inside a save() folder
 
@@ -95,10 +96,11 @@ def setup_accelerator() -> torch.device:
 
 
 class DeepSpeedBackend(TrainingBackend):
-    def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
-        self.validate_config(cfg)
-        self.cfg = cfg
+    def __init__(self, model_path: str | Path, *, backend: BackendConfig, model: ModelConfig,
+                 optimizer: OptimizerSpec, objective: Objective | None = None, seed: int = 0, colocate: bool = False,
+                 max_nonfinite: int = 3, max_batch: int = 1, reference: bool = False):
+        self._check_options(backend)
+        super().__init__(backend=backend, objective=objective, colocate=colocate, max_nonfinite=max_nonfinite)
         self.device = setup_accelerator()
         init_process_group(use_cuda=self.device.type == "cuda")
         import deepspeed
@@ -107,26 +109,28 @@ class DeepSpeedBackend(TrainingBackend):
         if self.world == 1:
             os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it; torchrun sets it
         self.is_main = self.rank == 0
-        self.bf16 = cfg.backend.bf16 and self.device.type == "cuda"
-        self.micro = cfg.backend.micro_batch_size
-        model = load_hf_model(model_path, cfg, torch.device("cpu")).train()  # fp32; DeepSpeed moves/casts it
-        if cfg.backend.recompute_activations:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.bf16 = backend.bf16 and self.device.type == "cuda"
+        self.micro = backend.micro_batch_size
+        hf_model = load_hf_model(model_path, model, torch.device("cpu")).train()  # fp32; DeepSpeed moves/casts it
+        if backend.recompute_activations:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
         if reference:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
-            self.reference = copy.deepcopy(model).to(self.device, dtype).eval().requires_grad_(False)
-        spec = OptimizerSpec.from_config(cfg.backend, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
+            self.reference = copy.deepcopy(hf_model).to(self.device, dtype).eval().requires_grad_(False)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=self._ds_config(spec), lr_scheduler=spec.schedule)
+            model=hf_model, model_parameters=[p for p in hf_model.parameters() if p.requires_grad],
+            config=self._ds_config(optimizer, max_batch), lr_scheduler=optimizer.schedule)
         self.module = self.engine.module  # the HF model (ZeRO-3: parameters partitioned)
         self.step = 0
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        b = cfg.backend
+        cls._check_options(cfg.backend)
+
+    @staticmethod
+    def _check_options(b: BackendConfig) -> None:
+        """Refuse ``backend.*`` options this backend cannot run (at config load, and again at construction)."""
         if b.tensor_parallel != 1 or b.pipeline_parallel != 1:
             raise ConfigError(f"backend.tensor_parallel={b.tensor_parallel}, pipeline_parallel={b.pipeline_parallel}: "
                              "the deepspeed backend is data-parallel only (ZeRO); set both to 1 or use "
@@ -139,12 +143,12 @@ class DeepSpeedBackend(TrainingBackend):
         if b.micro_batch_size < 1:
             raise ConfigError(f"backend.micro_batch_size={b.micro_batch_size} must be >= 1")
 
-    def _ds_config(self, spec: OptimizerSpec) -> dict[str, Any]:
-        b, cfg = self.cfg.backend, self.cfg
+    def _ds_config(self, spec: OptimizerSpec, max_batch: int) -> dict[str, Any]:
+        b = self.options
         # The real accumulation count is set every step; the initial one only has to be > 1 whenever a step can
-        # accumulate, because ZeRO's offload path picks its gradient buffers from it at construction.
-        largest = max(cfg.sft.batch_size, cfg.rl.mini_batch_size)
-        gas = max(1, math.ceil(largest / (self.micro * self.world)))
+        # accumulate (a batch of up to ``max_batch`` sequences), because ZeRO's offload path picks its gradient
+        # buffers from it at construction.
+        gas = max(1, math.ceil(max_batch / (self.micro * self.world)))
         zero: dict[str, Any] = {"stage": b.zero_stage}
         adam = spec.adamw_options()
         if b.offload_optimizer:
@@ -216,7 +220,7 @@ class DeepSpeedBackend(TrainingBackend):
     def _optimizer_step(self) -> dict[str, float]:
         lr = self.scheduler.get_last_lr()[0]
         own_norm = None
-        if self.cfg.backend.zero_stage == 0:  # without ZeRO DeepSpeed neither records the norm nor skips on inf/NaN
+        if self.options.zero_stage == 0:  # without ZeRO DeepSpeed neither records the norm nor skips on inf/NaN
             own_norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
             if not torch.isfinite(own_norm):
                 self.module.zero_grad(set_to_none=True)
@@ -301,7 +305,7 @@ class DeepSpeedBackend(TrainingBackend):
         assertion), and this backend builds ``torch.optim.AdamW``. With ``offload_optimizer`` that state already lives
         on the host. Stages 1-2 offload any torch optimizer's state themselves (``offload_optimizer_states``).
         """
-        b = self.cfg.backend
+        b = self.options
         if b.offload_optimizer:
             return False
         if b.zero_stage == 0:
@@ -323,7 +327,7 @@ class DeepSpeedBackend(TrainingBackend):
         return [S.optim_states, S.hp_params, S.lp_grads, S.contiguous_grad_buffer]
 
     def _offloads(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.rollout.colocate
+        return self.device.type == "cuda" and self.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """To the host: the optimizer state (AdamW moments; with ZeRO also the fp32 master partition and the gradient
@@ -333,7 +337,7 @@ class DeepSpeedBackend(TrainingBackend):
         if self._moves_optimizer_state_itself():
             device = "cpu" if to_host else get_accelerator().current_device_name()
             move_optimizer_state(self.engine.optimizer, device)
-        if self.cfg.backend.zero_stage > 0:
+        if self.options.zero_stage > 0:
             if to_host:
                 self.engine.offload_states(include=self._offload_include())
             else:

@@ -30,24 +30,24 @@ from pipeline.backends.common import (
 from pipeline.models import load_hf_model
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.backends.base import Objective
+    from pipeline.config import BackendConfig, ModelConfig
 
 
 class TorchBackend(TrainingBackend):
-    def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
-        self.cfg = cfg
+    def __init__(self, model_path: str | Path, *, backend: BackendConfig, model: ModelConfig,
+                 optimizer: OptimizerSpec, objective: Objective | None = None, seed: int = 0, colocate: bool = False,
+                 max_nonfinite: int = 3, max_batch: int = 1, reference: bool = False):
+        super().__init__(backend=backend, objective=objective, colocate=colocate, max_nonfinite=max_nonfinite)
         self.is_main = dist.is_main()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_hf_model(model_path, cfg, self.device)
+        self.model = load_hf_model(model_path, model, self.device)
         self.model.train()
         self.reference = None
         if reference:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        spec = OptimizerSpec.from_config(cfg.backend, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
-        self.optimizer = spec.adamw(self.model.parameters())
-        self.scheduler = spec.schedule(self.optimizer)
+        self.optimizer = optimizer.adamw(self.model.parameters())
+        self.scheduler = optimizer.schedule(self.optimizer)
         self.step = 0
 
     @torch.no_grad()
@@ -63,7 +63,7 @@ class TorchBackend(TrainingBackend):
     def _micro_batches(self, batch: TokenBatch) -> list[tuple[Tensor, TokenBatch]]:
         """Micro-batches of ``backend.micro_batch_size`` rows sorted by length, each cut to its longest sequence
         (:func:`~.common.length_sorted_micro_batches`): every rank trains on the whole batch, so any split will do."""
-        return length_sorted_micro_batches(batch, self.cfg.backend.micro_batch_size)
+        return length_sorted_micro_batches(batch, self.options.micro_batch_size)
 
     # --- the backend's part of the training step (TrainingBackend.sft_step / rl_step) ------------------------------
     def _forward_backward(self, batch: TokenBatch, loss_fn: LossFn) -> list[MicroStep]:
@@ -80,10 +80,10 @@ class TorchBackend(TrainingBackend):
         every micro-batch's at once); ``auto`` when the step is one micro-batch (no extra memory) or trains on the
         CPU (host memory: the activations of ``ceil(num_sequences / micro_batch_size)`` micro-batches instead of
         one)."""
-        mode = self.cfg.backend.old_logprobs_from_step
+        mode = self.options.old_logprobs_from_step
         if mode != "auto":
             return mode == "always"
-        return num_sequences <= self.cfg.backend.micro_batch_size or self.device.type == "cpu"
+        return num_sequences <= self.options.micro_batch_size or self.device.type == "cpu"
 
     def _forward_keep(self, batch: TokenBatch, per_token) -> list[tuple[Tensor, TokenBatch, object]]:
         out = []
@@ -97,7 +97,7 @@ class TorchBackend(TrainingBackend):
             loss.backward()
 
     def _optimizer_step(self) -> dict[str, float]:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.backend.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
         return self._apply_update(grad_norm, lambda: self.optimizer.zero_grad(set_to_none=True))
 
     # --- checkpoints and weights --------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class HFEngine(RolloutEngine):
                                  f"on {self.device}, in float32 on a CPU")
             self.model, self.shared = model, True
         else:
-            self.model = load_hf_model(model_path, cfg, self.device).eval().requires_grad_(False)
+            self.model = load_hf_model(model_path, cfg.model, self.device).eval().requires_grad_(False)
             self.shared = False
         self.tokenizer = tokenizer
         self.batch_size = cfg.rollout.batch_size

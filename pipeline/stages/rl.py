@@ -196,7 +196,7 @@ def run(ctx: Context) -> None:
     start = ctx.stage_input("rl")
     steps_per_iter = cfg.rl.algorithm.ppo_epochs * -(-rl.prompts_per_iteration * cfg.rollout.n_samples
                                                       // rl.mini_batch_size)
-    backend = backend_class(cfg.backend.name)(
+    backend = backend_class(cfg.backend.name).from_config(
         cfg, start, lr=rl.lr, total_steps=rl.iterations * steps_per_iter, warmup_steps=rl.warmup_steps,
         min_lr_ratio=rl.min_lr_ratio, weight_decay=rl.weight_decay, reference=rl.algorithm.kl_coef > 0)
     groups = RolloutGroups.from_config(cfg)

@@ -41,7 +41,7 @@ def build_examples(ctx: Context) -> tuple[list[list[int]], list[list[int]]]:
 def run(ctx: Context) -> None:
     cfg, rd, sft = ctx.cfg, ctx.rd, ctx.cfg.sft
     st = rd.state("sft")
-    backend = backend_class(cfg.backend.name)(
+    backend = backend_class(cfg.backend.name).from_config(
         cfg, ctx.stage_input("sft"), lr=sft.lr, total_steps=sft.steps, warmup_steps=sft.warmup_steps,
         min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
     ctx.begin_stage(backend, st)

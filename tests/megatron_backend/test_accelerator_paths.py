@@ -78,7 +78,7 @@ def _colocate(ckpt: str, root: str) -> dict:
     batch, kw = make_batch(), dict(lr=1e-3, total_steps=10, warmup_steps=0)
 
     def make():
-        b = MegatronBackend(make_cfg(1, 1, distributed_optimizer=True, bf16=True), ckpt, **kw)
+        b = MegatronBackend.from_config(make_cfg(1, 1, distributed_optimizer=True, bf16=True), ckpt, **kw)
         b.use_cuda = True  # the accelerator branch of release_memory / reacquire_memory
         return b
 
@@ -135,7 +135,7 @@ def _grads(ckpt: str, bf16: bool) -> dict:
     batch = TokenBatch.from_sequences([[5, 17, 42]] * n, [[7, 9, 11, 13, 2]] * n, pad_id=0, advantages=weights)
     cfg = make_cfg(1, 1, bf16=bf16)
     cfg.backend.micro_batch_size, cfg.backend.grad_clip = 1, 1e9  # no clipping: compare raw gradients
-    backend = MegatronBackend(cfg, ckpt, lr=1e-3, total_steps=10)
+    backend = MegatronBackend.from_config(cfg, ckpt, lr=1e-3, total_steps=10)
 
     # the closures below run inside _forward_backward / _optimizer_step, before `del backend` (which pyflakes reads
     # as leaving `backend` undefined in them: F821)
@@ -174,7 +174,7 @@ def _sync(ckpt: str) -> dict:
 
     from pipeline.backends.megatron_backend.backend import MegatronBackend
 
-    backend = MegatronBackend(make_cfg(1, 2, bf16=True), ckpt, lr=1e-3, total_steps=10)
+    backend = MegatronBackend.from_config(make_cfg(1, 2, bf16=True), ckpt, lr=1e-3, total_steps=10)
     with Spy() as spy:
         got = [(k, v.device, v.dtype) for k, v in backend.named_full_tensors()]
     out = {"tensors": got, "host_copies": spy.host, "device": backend.device}
@@ -255,7 +255,7 @@ def _full_tensors_on(ckpt: str, tp: int, ranks: list[int]) -> dict:
 
     from pipeline.backends.megatron_backend.backend import MegatronBackend
 
-    backend = MegatronBackend(make_cfg(tp, 1), ckpt, lr=1e-3, total_steps=10)
+    backend = MegatronBackend.from_config(make_cfg(tp, 1), ckpt, lr=1e-3, total_steps=10)
     return {"rank": tdist.get_rank(), "weights": {k: v.clone() for k, v in backend.named_full_tensors(ranks=ranks)}}
 
 

@@ -20,14 +20,14 @@ def _worker(ckpt: str, root: str) -> dict:
 
     batch = make_batch()
     kw = dict(lr=1e-3, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    a = MegatronBackend(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)
+    a = MegatronBackend.from_config(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)
     a.sft_step(batch)
     a.save(f"{root}/step1")
     after_two = a.sft_step(batch)
     w_a = {k: v.clone() for k, v in a.named_full_tensors()}
     a.export_hf(f"{root}/hf")
     del a
-    b = MegatronBackend(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)  # fresh weights
+    b = MegatronBackend.from_config(make_cfg(1, 1, distributed_optimizer=True), ckpt, **kw)  # fresh weights
     b.load(f"{root}/step1")
     resumed = b.sft_step(batch)
     w_b = {k: v.clone() for k, v in b.named_full_tensors()}
@@ -35,7 +35,7 @@ def _worker(ckpt: str, root: str) -> dict:
     ps.destroy_model_parallel()
     out = {"after_two": after_two, "resumed": resumed, "w_a": w_a, "w_b": w_b, "rank": dist.get_rank()}
     for tp, pp in ((1, 2), (2, 1)):
-        c = MegatronBackend(make_cfg(tp, pp), ckpt, **kw)
+        c = MegatronBackend.from_config(make_cfg(tp, pp), ckpt, **kw)
         c.load(f"{root}/step1")
         out["resharded", tp, pp] = c.sft_step(batch)
         out["w_resharded", tp, pp] = {k: v.clone() for k, v in c.named_full_tensors()}

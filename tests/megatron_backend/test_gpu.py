@@ -24,7 +24,7 @@ QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
 def _fp32_steps(ckpt: str) -> dict:
     from pipeline.backends.megatron_backend.backend import MegatronBackend
 
-    backend = MegatronBackend(make_cfg(1, 1), ckpt, lr=LR, total_steps=10, reference=True)
+    backend = MegatronBackend.from_config(make_cfg(1, 1), ckpt, lr=LR, total_steps=10, reference=True)
     return steps(backend, make_batch())
 
 
@@ -40,7 +40,7 @@ def _bf16_timing(ckpt: str, n: int = 3) -> dict:
     batch.advantages = torch.randn(16, generator=g)
     cfg = make_cfg(1, 1, bf16=True)
     cfg.backend.micro_batch_size = 4
-    backend = MegatronBackend(cfg, ckpt, lr=1e-6, total_steps=10)
+    backend = MegatronBackend.from_config(cfg, ckpt, lr=1e-6, total_steps=10)
     backend.rl_step(batch)  # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -56,7 +56,8 @@ def test_fp32_on_gpu_matches_torch_backend(tmp_path):
 
     ckpt = make_checkpoint(tmp_path / "hf", "qwen2", tied=True)
     got = run_distributed(_fp32_steps, 1, str(ckpt))[0]
-    want = steps(TorchBackend(make_cfg(name="torch"), ckpt, lr=LR, total_steps=10, reference=True), make_batch())
+    torch_backend = TorchBackend.from_config(make_cfg(name="torch"), ckpt, lr=LR, total_steps=10, reference=True)
+    want = steps(torch_backend, make_batch())
     torch.testing.assert_close(got["logprobs"], want["logprobs"], rtol=0, atol=1e-4)
     for kind in ("sft", "rl"):
         assert got[kind]["loss"] == pytest.approx(want[kind]["loss"], rel=1e-4)

@@ -125,12 +125,12 @@ def _worker(ckpts: dict[str, str], ids: torch.Tensor, batch) -> dict:
             results["logits", family, tp, pp] = _logits(ckpt, ids, tp, pp)
         ps.destroy_model_parallel()
     for name, (tp, pp, options) in VARIANTS.items():
-        backend = MegatronBackend(make_cfg(tp, pp, **options), ckpts[TRAINED.get(name, "qwen2")], lr=LR,
+        backend = MegatronBackend.from_config(make_cfg(tp, pp, **options), ckpts[TRAINED.get(name, "qwen2")], lr=LR,
                                   total_steps=10, warmup_steps=0, min_lr_ratio=0.1, reference=True)
         results["steps", name] = steps(backend, batch)
         del backend
         ps.destroy_model_parallel()
-    bf16 = MegatronBackend(make_cfg(1, 2, bf16=True), ckpts["qwen2"], lr=LR, total_steps=10)
+    bf16 = MegatronBackend.from_config(make_cfg(1, 2, bf16=True), ckpts["qwen2"], lr=LR, total_steps=10)
     results["bf16_logprobs"] = bf16.token_logprobs(batch)
     results["bf16_sft"] = bf16.sft_step(batch)
     return results if dist.get_rank() == 0 else {}
@@ -158,7 +158,7 @@ def torch_runs(ckpts):
 
     out = {}
     for family in sorted(set(TRAINED.values()) | {"qwen2"}):
-        backend = TorchBackend(make_cfg(name="torch"), ckpts[family], lr=LR, total_steps=10, warmup_steps=0,
+        backend = TorchBackend.from_config(make_cfg(name="torch"), ckpts[family], lr=LR, total_steps=10, warmup_steps=0,
                                min_lr_ratio=0.1, reference=True)
         out[family] = steps(backend, make_batch())
     return out

@@ -54,8 +54,8 @@ def make_cfg(stage: int) -> Config:
 
 
 def make_backend(cls: type, ckpt: Path, stage: int, cfg: Config | None = None) -> Any:
-    return cls(cfg or make_cfg(stage), ckpt, lr=LR, total_steps=10, warmup_steps=2, min_lr_ratio=0.1,
-               weight_decay=0.01, reference=True)
+    return cls.from_config(cfg or make_cfg(stage), ckpt, lr=LR, total_steps=10, warmup_steps=2, min_lr_ratio=0.1,
+                           weight_decay=0.01, reference=True)
 
 
 def make_batch(seed: int) -> TokenBatch:

@@ -96,7 +96,7 @@ def test_sampling_from_the_trainers_model_equals_a_synced_copy(ckpt, monkeypatch
 
     cfg = load_config(None, ["rollout.batch_size=5", f"rollout.hf_decode={decode}"])
     tok = load_tokenizer(ckpt, cfg)
-    backend = backend_class("torch")(cfg, ckpt, lr=1e-3, total_steps=1)
+    backend = backend_class("torch").from_config(cfg, ckpt, lr=1e-3, total_steps=1)
     with torch.no_grad():  # "training" moved the weights away from the checkpoint
         gen = torch.Generator().manual_seed(0)
         for p in backend.model.parameters():

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 
 def make_backend(ckpt, **over) -> TorchBackend:
     cfg = load_config(None, ["backend.micro_batch_size=2", *[f"{k}={v}" for k, v in over.items()]])
-    return TorchBackend(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    return TorchBackend.from_config(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
 
 
 def nothing_changed(b: TorchBackend, before: dict[str, torch.Tensor], step: int) -> bool:
@@ -136,7 +136,7 @@ def _megatron_worker(ckpt: str) -> dict:
     from pipeline.backends.megatron_backend.backend import MegatronBackend
     from tests.megatron_backend.test_parallel import make_batch, make_cfg
 
-    b = MegatronBackend(make_cfg(2, 1), ckpt, lr=1e-3, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    b = MegatronBackend.from_config(make_cfg(2, 1), ckpt, lr=1e-3, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     before = {k: v.clone() for k, v in b.named_full_tensors()}
     poison = {"on": dist.get_rank() == 1}
     next(p for p in b.model.parameters() if p.requires_grad).register_hook(

@@ -47,7 +47,7 @@ def make(ckpt, *, micro: int, mode: str, advantage: str = "lampo", **over):
     cfg = load_config(None, [f"backend.micro_batch_size={micro}", f"backend.old_logprobs_from_step={mode}",
                              f"rl.algorithm.advantage={advantage}", f"rollout.n_samples={G}", "rl.mini_batch_size=64",
                              "rl.algorithm.lampo_temperature=0.05", *[f"{k}={v}" for k, v in over.items()]])
-    backend = TorchBackend(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    backend = TorchBackend.from_config(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     skipped: list[str] = []
     ctx = SimpleNamespace(cfg=cfg, pad_id=0, note_skipped_step=lambda b, stage, m, where: skipped.append(where))
     return ctx, backend, skipped
@@ -126,13 +126,13 @@ def test_auto_needs_one_micro_batch_off_the_cpu(ckpt):
     _, b, _ = make(ckpt, micro=5, mode="auto")
     b.device = torch.device("meta")  # stands for an accelerator: only the decision is asked
     assert b.fuses_old_logprobs(5) and not b.fuses_old_logprobs(6)
-    b.cfg.backend.old_logprobs_from_step = "always"
+    b.options.old_logprobs_from_step = "always"
     assert b.fuses_old_logprobs(6)
 
 
 def test_kl_still_runs_the_reference_forward(ckpt):
     ctx, backend, _ = make(ckpt, micro=5, mode="always", **{"rl.algorithm.kl_coef": 0.1})
-    backend.reference = TorchBackend(backend.cfg, ckpt, lr=1e-2, total_steps=10).model.eval()
+    backend.reference = TorchBackend.from_config(ctx.cfg, ckpt, lr=1e-2, total_steps=10).model.eval()
     batch = rollout(0)
     tb, _ = rl.advantages(ctx, backend, batch)
     assert isinstance(tb, rl.OnPolicyStep) and tb.tb.ref_logprobs is not None

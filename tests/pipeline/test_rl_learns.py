@@ -28,7 +28,7 @@ def test_rl_raises_a_simple_reward(ckpt, estimator):
     cfg = load_config(None, ["rollout.max_new_tokens=8", "backend.micro_batch_size=64", "backend.grad_clip=1.0"])
     tok = load_tokenizer(ckpt, cfg)
     engine = engine_class("hf")(ckpt, tok, cfg)
-    backend = TorchBackend(cfg, ckpt, lr=3e-3, total_steps=100, warmup_steps=0, min_lr_ratio=1.0)
+    backend = TorchBackend.from_config(cfg, ckpt, lr=3e-3, total_steps=100, warmup_steps=0, min_lr_ratio=1.0)
     half = len(tok) // 2
     prompts = [tok(f"What is {i}+1?")["input_ids"] for i in range(8)]
 

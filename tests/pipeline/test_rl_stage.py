@@ -368,7 +368,7 @@ def test_run_builds_the_backend_with_the_rl_sections_optimizer_settings(monkeypa
         seen.update(kw, path=path, cfg=cfg)
         raise Built
 
-    monkeypatch.setattr(rl, "backend_class", lambda name: backend)
+    monkeypatch.setattr(rl, "backend_class", lambda name: SimpleNamespace(from_config=backend))
     with pytest.raises(Built):
         rl.run(ctx)
     assert seen["path"] == "the-sft-model" and seen["cfg"] is ctx.cfg

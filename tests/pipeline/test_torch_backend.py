@@ -19,7 +19,7 @@ def ckpt(tmp_path_factory):
 
 def make_backend(ckpt, micro: int, **over) -> TorchBackend:
     cfg = load_config(None, [f"backend.micro_batch_size={micro}", *[f"{k}={v}" for k, v in over.items()]])
-    return TorchBackend(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    return TorchBackend.from_config(cfg, ckpt, lr=1e-2, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
 
 
 def random_batch(seed: int, n: int = 6, vocab: int = 20) -> TokenBatch:

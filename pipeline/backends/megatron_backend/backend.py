@@ -63,29 +63,31 @@ from pipeline.backends.megatron_backend.schedule import broadcast_from_last_stag
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.backends.base import Objective
+    from pipeline.config import BackendConfig, Config, ModelConfig
 
 SHARE = "_loss_share"  # a micro-batch's additive share of the batch loss, carried through the schedule
 METRICS = "_metrics"  # and its metrics
 
 
 class MegatronBackend(TrainingBackend):
-    def __init__(self, cfg: Config, model_path: str | Path, *, lr: float, total_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.1, weight_decay: float = 0.0, reference: bool = False):
+    def __init__(self, model_path: str | Path, *, backend: BackendConfig, model: ModelConfig,
+                 optimizer: OptimizerSpec, objective: Objective | None = None, seed: int = 0, colocate: bool = False,
+                 max_nonfinite: int = 3, max_batch: int = 1, reference: bool = False):
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
-        self.cfg = cfg
+        super().__init__(backend=backend, objective=objective, colocate=colocate, max_nonfinite=max_nonfinite)
         self.model_path = Path(model_path)
-        b = cfg.backend
+        b = backend
         self.use_cuda = torch.cuda.is_available()
-        self.hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=cfg.model.trust_remote_code)
+        self.hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=model.trust_remote_code)
         self.arch: Arch = arch_from_hf(self.hf_config)
         self.layout: Layout = layout_for_world(b.tensor_parallel, b.pipeline_parallel, world_size_from_env())
         check_layout(self.layout, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
                      num_layers=self.arch.num_layers, world_size=world_size_from_env())
         # also picks this rank's GPU
-        init_parallel(self.layout, seed=derive_seed(cfg.run.seed, "init"), use_cuda=self.use_cuda)
+        init_parallel(self.layout, seed=derive_seed(seed, "init"), use_cuda=self.use_cuda)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -101,13 +103,11 @@ class MegatronBackend(TrainingBackend):
         self.reference = self._build(hf_state)[0].eval().requires_grad_(False) if reference else None
         del hf_state, shard
 
-        spec = OptimizerSpec.from_config(b, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                                         min_lr_ratio=min_lr_ratio, weight_decay=weight_decay)
         # AdamW on this rank's shards; with ``distributed_optimizer`` and DP > 1 its state is further partitioned over
         # the data-parallel group (ZeRO-1)
         zero = ps.get_data_parallel_group() if b.distributed_optimizer and self.layout.dp > 1 else None
-        self.optimizer = spec.adamw(self.master.params(), zero_group=zero)
-        self.scheduler = spec.schedule(self.optimizer)
+        self.optimizer = optimizer.adamw(self.master.params(), zero_group=zero)
+        self.scheduler = optimizer.schedule(self.optimizer)
         self.step = 0
 
     def _build(self, hf_state: dict[str, Tensor]) -> tuple[torch.nn.Module, dict[str, Tensor]]:
@@ -144,7 +144,7 @@ class MegatronBackend(TrainingBackend):
         share = self._dp_share(batch)
         if len(share) == 0:
             raise ValueError(f"batch of {len(batch)} sequences is smaller than data_parallel={self.layout.dp}")
-        return [mb.to(self.device) for mb in share.split(self.cfg.backend.micro_batch_size)]
+        return [mb.to(self.device) for mb in share.split(self.options.micro_batch_size)]
 
     def _dp_gather_rows(self, t: Tensor) -> Tensor:
         """Concatenate per-DP-rank row blocks of a ``(b_r, T)`` tensor in rank order."""
@@ -205,7 +205,7 @@ class MegatronBackend(TrainingBackend):
 
         self.master.grads_to_master()
         sync_grads(self.model, self.layout, self.master)  # on the fp32 gradient sums
-        grad_norm = clip_grad_norm(self.master.named(), self.cfg.backend.grad_clip,
+        grad_norm = clip_grad_norm(self.master.named(), self.options.grad_clip,
                                    tied_across_stages=self.model.tied_across_stages)
         return self._apply_update(grad_norm, self.master.zero_grad, after_update=self.master.master_to_model)
 
@@ -303,7 +303,7 @@ class MegatronBackend(TrainingBackend):
     # --- colocated rollouts -------------------------------------------------------------------------------------------
     def _offloads(self) -> bool:
         """Whether :meth:`release_memory` moves state to the host: on an accelerator with ``rollout.colocate``."""
-        return self.use_cuda and self.cfg.rollout.colocate
+        return self.use_cuda and self.colocate
 
     def _move_training_state(self, *, to_host: bool) -> None:
         """The optimizer state (AdamW moments, wherever the optimizer keeps them: for ZeRO-1 its local optimizer's),
