@@ -114,8 +114,8 @@ class RolloutConfig:
     # with False (default), rollouts are not reproducible sample for sample and a resumed run does not repeat the
     # samples an uninterrupted run would have drawn. True starts sglang.Engine(enable_deterministic_inference=True).
     sglang_deterministic: bool = False
-    # how the HF engine decodes: loop (pipeline.rollout.hf_decode: preallocated KV cache, one prompt pass per distinct
-    # prompt, finished rows dropped; same random draws as generate) | generate (transformers' model.generate)
+    # how the HF engine decodes: loop (pipeline.rollout.hf_decode: transformers' DynamicCache, one prompt pass per
+    # distinct prompt, finished rows dropped; same random draws as generate) | generate (transformers' model.generate)
     hf_decode: str = "loop"
 
 

@@ -1,11 +1,12 @@
 """Hugging Face rollout engine: batched, KV-cached sampling with per-token log-probs (CPU or one GPU).
 
 Decoding (``rollout.hf_decode``, or the ``decode`` argument): ``loop`` (default) runs the engine's own loop,
-:func:`pipeline.rollout.hf_decode.decode` (a preallocated KV cache, one prompt pass per distinct prompt, finished rows
-dropped), which draws the same random numbers as ``generate`` and so samples the same tokens; ``generate`` calls
-transformers' ``model.generate``. Both honour every :class:`SamplingParams` field and the same per-batch seeding. The
-loop applies nothing else; ``generate`` also applies processors the checkpoint's ``generation_config.json`` asks for
-that the call does not override (e.g. a ``repetition_penalty``; the tiny model's has none).
+:func:`pipeline.rollout.hf_decode.decode` (transformers' ``DynamicCache``, one prompt pass per distinct prompt,
+finished rows dropped), which draws the same random numbers as ``generate`` and so samples the same tokens;
+``generate`` calls transformers' ``model.generate``. Both honour every :class:`SamplingParams` field and the same
+per-batch seeding. The loop applies nothing else; ``generate`` also applies processors the checkpoint's
+``generation_config.json`` asks for that the call does not override (e.g. a ``repetition_penalty``; the tiny model's
+has none).
 
 Memory: the log-probs of the sampled tokens are gathered step by step as ``generate`` runs: a forward hook on the
 model keeps the latest step's logits only (in one reused buffer) and picks the chosen token's entry when that token is
